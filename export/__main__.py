@@ -1,0 +1,129 @@
+"""Command line: ``python -m export --list`` / ``python -m export --models a,b --out models``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODELS = "resnet18,resnet50"
+
+
+def _parse_weights(values: list[str]) -> dict[str, Path]:
+    weights: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --weights expects NAME=PATH (e.g. resnet50=ckpt/resnet50.pth), got {value!r}")
+        weights[name] = Path(path)
+    return weights
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export the seed architectures to a versioned ONNX model repository.",
+    )
+    parser.add_argument("--list", action="store_true", help="print the registered models and exit")
+    parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated model names (default: {DEFAULT_MODELS})")
+    parser.add_argument("--out", type=Path, default=Path("models"), help="model repository folder (default: models)")
+    parser.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
+                        help="load a .pth/.pt/.safetensors state dict for model NAME (repeatable); "
+                        "without it the model is randomly initialised and says so in its manifest")
+    parser.add_argument("--precision", default="fp32,fp16", help="files to write: fp32, fp16 or both (default: fp32,fp16)")
+    parser.add_argument("--version", type=int, help="version number to publish (default: the next free one)")
+    parser.add_argument("--force", action="store_true", help="replace an existing version")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation and of the parity images")
+    parser.add_argument("--num-classes", type=int, help="number of classes of a fine-tuned checkpoint")
+    parser.add_argument("--labels", type=Path, help="class names, one per line (default: the 1000 ImageNet-1k classes)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
+    parser.add_argument("--parity-samples", type=int, default=100, help="images in the fp16 agreement check (default: 100)")
+    return parser
+
+
+def print_registry() -> None:
+    from .complexity import count_gmacs, count_params
+    from .models import get_model_spec, list_models
+
+    print(f"{'name':<16}{'family':<14}{'input':>7}{'resize':>8}  {'interp':<9}{'params (M)':>11}{'GFLOPs':>8}")
+    for name in list_models():
+        spec = get_model_spec(name)
+        model = spec.build()
+        print(
+            f"{name:<16}{spec.family:<14}{spec.input_size:>7}{spec.resize_size:>8}  {spec.interpolation:<9}"
+            f"{count_params(model) / 1e6:>11.2f}{count_gmacs(model, spec.input_size):>8.2f}"
+        )
+    print("GFLOPs are multiply-accumulates for one image at the input size (torchvision's convention).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .models import UnknownModelError, get_model_spec
+    from .onnx_graph import DEFAULT_OPSET
+    from .parity import ParityError
+    from .pipeline import ExportError, ExportOptions, export_model, read_labels
+    from .publish import PublishError
+    from .weights import WeightsError
+
+    if args.list:
+        print_registry()
+        return 0
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    weights = _parse_weights(args.weights)
+    try:
+        for name in names + list(weights):
+            get_model_spec(name)
+    except UnknownModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stray = sorted(set(weights) - set(names))
+    if stray:
+        print(f"error: --weights names {', '.join(stray)}, which --models does not export", file=sys.stderr)
+        return 2
+    try:
+        labels = read_labels(args.labels) if args.labels else None
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def progress(message: str) -> None:
+        print(f"  {message}", file=sys.stderr, flush=True)
+
+    failures = 0
+    summaries = []
+    started = time.monotonic()
+    for name in names:
+        options = ExportOptions(
+            out=args.out,
+            precisions=tuple(p.strip() for p in args.precision.split(",") if p.strip()),
+            version=args.version,
+            force=args.force,
+            seed=args.seed,
+            weights=weights.get(name),
+            num_classes=args.num_classes,
+            labels=labels,
+            opset=args.opset or DEFAULT_OPSET,
+            parity_samples=args.parity_samples,
+        )
+        print(f"exporting {name}", file=sys.stderr, flush=True)
+        try:
+            result = export_model(name, options, progress)
+        except (ExportError, ParityError, PublishError, WeightsError) as exc:
+            failures += 1
+            summaries.append(f"FAILED {name}: {exc}")
+            continue
+        m = result.manifest
+        fp16 = f", fp16 top-1 {m.parity.fp16.top1_agreement_tie_aware:.0%} ({m.parity.fp16.top1_agreement:.0%} strict)" if m.parity.fp16 else ""
+        fp32 = f", fp32 rel diff {m.parity.fp32.relative_diff:.1e}" if m.parity.fp32 else ""
+        summaries.append(
+            f"ok     {name} v{m.version} -> {result.path} ({m.complexity.params / 1e6:.2f}M params, "
+            f"{m.complexity.gflops:.2f} GFLOPs, {m.weights.source}{fp32}{fp16}, {result.seconds:.0f}s)"
+        )
+    print("\n".join(summaries))
+    print(f"{len(names) - failures} exported, {failures} failed in {time.monotonic() - started:.0f}s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
