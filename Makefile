@@ -1,0 +1,39 @@
+# archserve: `make serve` sets everything up and starts the server; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch for the export stage and the tests (the service never imports it).
+# Override for another platform, e.g. TORCH_SPEC="torch torchvision --index-url <your CPU wheel index>".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+MODELS_DIR ?= models
+DEFAULT_MODELS ?= resnet18,resnet50
+PYTEST_ARGS ?=
+
+.PHONY: install models test test-fast clean-models schema
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Export the default model set, unless the repository already holds models.
+models: install
+	@if [ -z "$$(find $(MODELS_DIR) -mindepth 3 -maxdepth 3 -name model.json 2>/dev/null)" ]; then \
+		$(BIN)/python -m export --models $(DEFAULT_MODELS) --out $(MODELS_DIR); \
+	else echo "$(MODELS_DIR)/ already holds models; not exporting"; fi
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Everything but the deep models (CI runs them all).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+schema: install
+	$(BIN)/python -m modelrepo > modelrepo/model.schema.json
