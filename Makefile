@@ -1,4 +1,5 @@
 # archserve: `make serve` sets everything up and starts the server; `make test` runs the tests.
+# Each target installs what it needs into .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,8 +9,9 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 MODELS_DIR ?= models
 DEFAULT_MODELS ?= resnet18,resnet50
 PYTEST_ARGS ?=
+PORT ?= 8000
 
-.PHONY: install models test test-fast clean-models schema
+.PHONY: install models serve test test-fast bench schema
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,10 @@ models: install
 		$(BIN)/python -m export --models $(DEFAULT_MODELS) --out $(MODELS_DIR); \
 	else echo "$(MODELS_DIR)/ already holds models; not exporting"; fi
 
+# Set up everything, export the default models if there are none, serve on :8000.
+serve: models
+	$(BIN)/python -m service --models-dir $(MODELS_DIR) --port $(PORT)
+
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -37,3 +43,7 @@ test-fast: install
 
 schema: install
 	$(BIN)/python -m modelrepo > modelrepo/model.schema.json
+
+# Engine-only vs end-to-end vs a naive server, for resnet50 and resnet18 (see bench/README.md).
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)

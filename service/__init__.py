@@ -1,0 +1,1 @@
+"""The inference service: batching, model sessions and the HTTP API."""

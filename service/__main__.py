@@ -1,0 +1,81 @@
+"""``python -m service``: start the server.
+
+Every option is also an environment variable with the ``ARCHSERVE_`` prefix
+(``--port 9000`` == ``ARCHSERVE_PORT=9000``); options given here win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+from pydantic import ValidationError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description="archserve: batched image classification")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--models-dir", help="model repository (default models)")
+    parser.add_argument("--models", help="models to serve: NAME or NAME@VERSION, comma-separated (default all)")
+    parser.add_argument("--workers", type=int, help="HTTP worker processes (default 1)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="execution device (default auto)")
+    parser.add_argument("--require-gpu", action="store_true", default=None, help="not ready unless on CUDA")
+    parser.add_argument("--max-batch-size", type=int, help="largest batch (default 32)")
+    parser.add_argument("--max-queue-delay-ms", type=float, help="wait this long to fill a batch (default 0)")
+    parser.add_argument("--log-level", help="debug, info, warning, error (default info)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for key, value in vars(args).items():
+        if value is not None:
+            os.environ[f"ARCHSERVE_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+
+    from .settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"error: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(process)d: %(message)s"
+    )
+    metrics_dir = None
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # One scrape must show every worker: prometheus-client's multiprocess mode.
+        metrics_dir = tempfile.mkdtemp(prefix="archserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+    import uvicorn
+
+    # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the
+    # signal; a drained shutdown is a success, so that re-raise exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=int(settings.graceful_shutdown_s) or None,
+            proxy_headers=False,
+        )
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The FastAPI application: routes, one error handler, model loading in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import ServiceError
+from .metrics import Metrics, multiprocess_dir
+from .routes import classify, health, models
+from .settings import Settings
+from .state import AppState
+
+log = logging.getLogger("archserve")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state: AppState = app.state.archserve
+        loading = asyncio.create_task(state.load())  # live at once, ready once loaded
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            await state.close()
+
+    app = FastAPI(
+        title="archserve",
+        version="0.1.0",
+        summary="Batched ONNX inference for image classifiers",
+        lifespan=lifespan,
+    )
+    # Each app gets its own registry unless metrics are shared across worker processes.
+    registry = None if multiprocess_dir() else CollectorRegistry()
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+    app.state.archserve = AppState(
+        settings=settings,
+        metrics=Metrics(registry) if registry is not None else Metrics(),
+        decode_pool=ThreadPoolExecutor(settings.decode_thread_count(), thread_name_prefix="decode"),
+    )
+    app.include_router(classify.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    _install_error_handlers(app)
+    return app
+
+
+def _error_body(message: str, code: str) -> dict:
+    return {"error": message, "code": code}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse(_error_body(exc.message, exc.code), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p not in ('query', 'path'))}: {e.get('msg')}"
+            for e in exc.errors()
+        )
+        return JSONResponse(_error_body(f"invalid request: {problems}", "bad_request"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"{message}: no such endpoint; see /docs for the API"
+        return JSONResponse(_error_body(message, "http_error"), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(_error_body(f"internal error: {type(exc).__name__}", "internal_error"), status_code=500)

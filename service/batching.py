@@ -1,0 +1,475 @@
+"""Dynamic batching: single requests in, model-sized batches out.
+
+Requests wait in one bounded FIFO queue. Each of ``instances`` worker tasks
+takes, as soon as it is free, everything waiting (up to ``max_batch_size``)
+and runs ``run_batch`` on it in a thread pool, so the event loop never blocks.
+At low load a request waits for nobody; under load batches fill by themselves
+(the design of MLServer's adaptive batcher and Triton's dynamic batcher).
+With ``max_queue_delay_ms`` > 0, a free worker holding a partial batch waits
+until the oldest waiting item has been queued that long, or the batch is full.
+
+Admission never waits: a full queue raises ``QueueFullError`` at once. A
+request may carry an absolute ``time.monotonic()`` deadline: if it passes
+while the request is queued, the request is removed and never run; if it
+passes while its batch runs, the caller gets ``DeadlineExceededError`` and the
+late result is dropped. A cancelled caller's queued item is removed as well.
+Nothing here knows of HTTP or of the model runtime: callers map the errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+__all__ = [
+    "BatchFailedError",
+    "BatchStats",
+    "BatcherClosedError",
+    "Batcher",
+    "BatchingError",
+    "DeadlineExceededError",
+    "QueueFullError",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatchingError(Exception):
+    """Base class of the errors a ``Batcher`` raises to the callers of ``submit``."""
+
+
+class QueueFullError(BatchingError):
+    """The queue holds ``max_queue_size`` items: the request was not admitted; retry later."""
+
+
+class DeadlineExceededError(BatchingError):
+    """The request's deadline passed before its result was ready."""
+
+
+class BatcherClosedError(BatchingError):
+    """The batcher is closing or closed and did not (or could not) run the request."""
+
+
+class BatchFailedError(BatchingError):
+    """``run_batch`` raised, or broke its contract; ``__cause__`` holds the reason."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one batch run looked like, for metrics.
+
+    ``queue_wait_s`` holds, per item, the monotonic time from submit to dispatch.
+    """
+
+    size: int
+    queue_wait_s: list[float]
+    run_s: float
+    ok: bool
+
+
+class _State(enum.Enum):
+    QUEUED = enum.auto()
+    RUNNING = enum.auto()
+    DONE = enum.auto()
+
+
+@dataclass(eq=False, slots=True)
+class _Entry:
+    item: Any
+    future: asyncio.Future[Any]
+    deadline: float | None
+    enqueued_at: float
+    state: _State = _State.QUEUED
+
+
+def _check_count(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class Batcher(Generic[T, R]):
+    """Groups concurrent ``submit`` calls into calls of ``run_batch``.
+
+    ``run_batch`` gets a list of up to ``max_batch_size`` items and must return
+    one output per item, in order; it runs in a thread, ``instances`` at a time.
+    Callbacks (``on_batch``, ``on_queue_depth``, ``on_expired``) run on the
+    event loop and must be quick; an exception they raise is logged and ignored.
+    ``on_expired`` counts requests whose deadline passed before they were run.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch_size: int,
+        max_queue_size: int,
+        instances: int = 1,
+        max_queue_delay_ms: float = 0.0,
+        name: str = "",
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+        on_expired: Callable[[int], None] | None = None,
+    ) -> None:
+        if not callable(run_batch):
+            raise TypeError(f"run_batch must be callable, got {type(run_batch).__name__}")
+        self._max_batch_size = _check_count("max_batch_size", max_batch_size, 1)
+        self._max_queue_size = _check_count("max_queue_size", max_queue_size, 1)
+        self._instances = _check_count("instances", instances, 1)
+        if isinstance(max_queue_delay_ms, bool) or not isinstance(max_queue_delay_ms, (int, float)):
+            raise TypeError(f"max_queue_delay_ms must be a number, got {type(max_queue_delay_ms).__name__}")
+        if not math.isfinite(max_queue_delay_ms) or max_queue_delay_ms < 0:
+            raise ValueError(
+                f"max_queue_delay_ms must be a finite number >= 0 (0 disables the delay), got {max_queue_delay_ms}"
+            )
+        for label, callback in (("on_batch", on_batch), ("on_queue_depth", on_queue_depth), ("on_expired", on_expired)):
+            if callback is not None and not callable(callback):
+                raise TypeError(f"{label} must be callable or None, got {type(callback).__name__}")
+
+        self._run_batch = run_batch
+        self._max_queue_delay_s = float(max_queue_delay_ms) / 1000.0
+        self._name = name
+        self._label = f"batcher {name!r}" if name else "batcher"
+        self._on_batch = on_batch
+        self._on_queue_depth = on_queue_depth
+        self._on_expired = on_expired
+
+        self._queue: deque[_Entry] = deque()
+        self._reported_depth = 0
+        self._in_flight = 0
+        self._started = False
+        self._closing = False
+        self._abandoned_threads = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._available: asyncio.Event | None = None
+        self._collect_lock: asyncio.Lock | None = None
+        self._workers: list[asyncio.Task[None]] = []
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def queue_depth(self) -> int:
+        """Items admitted and waiting for dispatch."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Items dispatched to ``run_batch`` whose batch has not finished."""
+        return self._in_flight
+
+    async def start(self) -> None:
+        """Start the workers and the thread pool, on the running event loop."""
+        if self._closing:
+            raise RuntimeError(f"{self._label} was closed; create a new Batcher instead of restarting it")
+        if self._started:
+            raise RuntimeError(f"{self._label} is already started")
+        self._loop = asyncio.get_running_loop()
+        self._available = asyncio.Event()
+        self._collect_lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._instances, thread_name_prefix=f"batcher-{self._name}" if self._name else "batcher"
+        )
+        self._workers = [
+            self._loop.create_task(self._worker(), name=f"{self._label} worker {i}") for i in range(self._instances)
+        ]
+        self._started = True
+
+    async def submit(self, item: T, *, deadline: float | None = None) -> R:
+        """Queue one item and return its output.
+
+        ``deadline`` is an absolute ``time.monotonic()`` value. Raises
+        ``QueueFullError``, ``DeadlineExceededError``, ``BatcherClosedError``
+        or ``BatchFailedError``.
+        """
+        entries = self._admit([item], deadline)
+        return (await self._wait(entries, deadline))[0]
+
+    async def submit_many(self, items: list[T], *, deadline: float | None = None) -> list[R]:
+        """Queue several items (each on its own; they may land in different batches).
+
+        Admission is all or nothing. Outputs come back in order; if one item
+        fails, the others are cancelled and its error is raised.
+        """
+        entries = self._admit(list(items), deadline)
+        if not entries:
+            return []
+        return await self._wait(entries, deadline)
+
+    async def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting requests, then stop the workers and the thread pool.
+
+        With ``drain``, queued and in-flight items are run and answered first;
+        without it, queued items fail with ``BatcherClosedError`` (in-flight
+        batches still finish). After ``timeout`` seconds the workers are
+        cancelled and whatever is unanswered fails with ``BatcherClosedError``
+        (a batch already running in a thread cannot be interrupted; its result
+        is dropped). Calling ``close`` again is harmless.
+        """
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout}")
+        self._closing = True
+        if not self._started:
+            return
+        assert self._available is not None and self._executor is not None
+        if not drain:
+            self._fail_queued("the batcher was closed without draining its queue")
+        self._available.set()
+        pending = {w for w in self._workers if not w.done()}
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        if pending:
+            logger.warning(
+                "%s: close timed out after %ss with %d item(s) in flight and %d queued; cancelling",
+                self._label,
+                timeout,
+                self._in_flight,
+                len(self._queue),
+            )
+            self._abandoned_threads = True
+            for worker in pending:
+                worker.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._fail_queued("the batcher was closed before this request was run")
+        self._executor.shutdown(wait=not self._abandoned_threads, cancel_futures=True)
+
+    def _admit(self, items: list[Any], deadline: float | None) -> list[_Entry]:
+        if not self._started:
+            raise RuntimeError(f"{self._label} is not started: await start() before submitting")
+        if self._closing:
+            raise BatcherClosedError(f"{self._label} is closed and accepts no new requests")
+        now = time.monotonic()
+        if not items:
+            return []
+        if deadline is not None and deadline <= now:
+            self._notify(self._on_expired, len(items), "on_expired")
+            raise DeadlineExceededError(f"{self._label}: the deadline had passed before the request was queued")
+        if len(items) > self._max_queue_size:
+            raise QueueFullError(
+                f"{self._label}: {len(items)} items can never fit a queue of max_queue_size={self._max_queue_size}"
+            )
+        if len(self._queue) + len(items) > self._max_queue_size:
+            self._expire_queued(now)
+            if len(self._queue) + len(items) > self._max_queue_size:
+                raise QueueFullError(
+                    f"{self._label}: queue full ({len(self._queue)} of {self._max_queue_size} waiting, "
+                    f"{len(items)} more requested); retry later"
+                )
+        assert self._loop is not None and self._available is not None
+        entries = [_Entry(item, self._loop.create_future(), deadline, now) for item in items]
+        self._queue.extend(entries)
+        self._depth_changed()
+        self._available.set()
+        return entries
+
+    async def _wait(self, entries: list[_Entry], deadline: float | None) -> list[Any]:
+        futures = [e.future for e in entries]
+        delay = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(delay):
+                await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+        except TimeoutError:
+            self._abandon(entries, expired=True)
+            raise DeadlineExceededError(f"{self._label}: the deadline passed before the result was ready") from None
+        except BaseException:
+            self._abandon(entries, expired=False)
+            raise
+        for future in futures:
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                error = future.exception()
+                self._abandon(entries, expired=isinstance(error, DeadlineExceededError))
+                raise error
+        return [f.result() for f in futures]
+
+    def _abandon(self, entries: list[_Entry], *, expired: bool) -> None:
+        removed = 0
+        for entry in entries:
+            if entry.state is _State.QUEUED:
+                entry.state = _State.DONE
+                removed += 1
+            if not entry.future.done():
+                entry.future.cancel()
+            elif not entry.future.cancelled():
+                entry.future.exception()
+        if not removed:
+            return
+        if removed == 1 and len(entries) == 1:
+            self._queue.remove(entries[0])
+        else:
+            kept = [e for e in self._queue if e.state is _State.QUEUED]
+            self._queue.clear()
+            self._queue.extend(kept)
+        self._depth_changed()
+        if expired:
+            self._notify(self._on_expired, removed, "on_expired")
+
+    def _expire_queued(self, now: float) -> None:
+        expired = [e for e in self._queue if e.deadline is not None and e.deadline <= now]
+        if not expired:
+            return
+        for entry in expired:
+            self._fail(entry, self._expired_error())
+        kept = [e for e in self._queue if e.state is _State.QUEUED]
+        self._queue.clear()
+        self._queue.extend(kept)
+        self._depth_changed()
+        self._notify(self._on_expired, len(expired), "on_expired")
+
+    def _fail_queued(self, reason: str) -> None:
+        if not self._queue:
+            return
+        entries = list(self._queue)
+        self._queue.clear()
+        for entry in entries:
+            self._fail(entry, BatcherClosedError(f"{self._label}: {reason}"))
+        self._depth_changed()
+
+    def _expired_error(self) -> DeadlineExceededError:
+        return DeadlineExceededError(f"{self._label}: the deadline passed while the request was queued")
+
+    def _fail(self, entry: _Entry, error: BaseException) -> None:
+        entry.state = _State.DONE
+        if not entry.future.done():
+            entry.future.set_exception(error)
+
+    def _take_batch(self) -> list[_Entry]:
+        now = time.monotonic()
+        batch: list[_Entry] = []
+        expired = 0
+        while self._queue and len(batch) < self._max_batch_size:
+            entry = self._queue.popleft()
+            if entry.future.done():
+                entry.state = _State.DONE
+            elif entry.deadline is not None and entry.deadline <= now:
+                self._fail(entry, self._expired_error())
+                expired += 1
+            else:
+                entry.state = _State.RUNNING
+                batch.append(entry)
+        self._depth_changed()
+        if expired:
+            self._notify(self._on_expired, expired, "on_expired")
+        return batch
+
+    async def _next_batch(self) -> list[_Entry] | None:
+        assert self._available is not None and self._collect_lock is not None
+        async with self._collect_lock:
+            while True:
+                while not self._queue:
+                    if self._closing:
+                        return None
+                    self._available.clear()
+                    await self._available.wait()
+                if self._max_queue_delay_s > 0:
+                    await self._gather_more()
+                batch = self._take_batch()
+                if batch:
+                    return batch
+
+    async def _gather_more(self) -> None:
+        assert self._available is not None
+        while self._queue and len(self._queue) < self._max_batch_size and not self._closing:
+            remaining = self._queue[0].enqueued_at + self._max_queue_delay_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._available.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._available.wait()
+            except TimeoutError:
+                return
+
+    async def _worker(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            try:
+                await self._dispatch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("%s: unexpected error while dispatching a batch", self._label)
+                for entry in batch:
+                    self._fail(entry, BatchFailedError(f"{self._label}: internal error while running the batch"))
+
+    async def _dispatch(self, batch: list[_Entry]) -> None:
+        assert self._loop is not None
+        dispatched_at = time.monotonic()
+        waits = [dispatched_at - e.enqueued_at for e in batch]
+        self._in_flight += len(batch)
+        try:
+            outputs, error, run_s = await self._loop.run_in_executor(
+                self._executor, self._timed_run, [e.item for e in batch]
+            )
+        except asyncio.CancelledError:
+            for entry in batch:
+                self._fail(entry, BatcherClosedError(f"{self._label}: closed before this request's batch finished"))
+            raise
+        except Exception as exc:
+            outputs, error, run_s = None, exc, time.monotonic() - dispatched_at
+        finally:
+            self._in_flight -= len(batch)
+        if error is None:
+            error = self._check_outputs(outputs, len(batch))
+        if error is None:
+            for entry, output in zip(batch, outputs):
+                entry.state = _State.DONE
+                if not entry.future.done():
+                    entry.future.set_result(output)
+        else:
+            for entry in batch:
+                failure = BatchFailedError(f"{self._label}: batch of {len(batch)} failed: {error}")
+                failure.__cause__ = error
+                self._fail(entry, failure)
+        self._notify(self._on_batch, BatchStats(len(batch), waits, run_s, error is None), "on_batch")
+
+    def _timed_run(self, items: list[Any]) -> tuple[Any, Exception | None, float]:
+        started = time.monotonic()
+        try:
+            outputs = self._run_batch(items)
+        except Exception as exc:
+            return None, exc, time.monotonic() - started
+        return outputs, None, time.monotonic() - started
+
+    @staticmethod
+    def _check_outputs(outputs: Any, expected: int) -> Exception | None:
+        try:
+            count = len(outputs)
+        except TypeError:
+            return TypeError(
+                f"run_batch returned {type(outputs).__name__}, which has no length; "
+                f"return a sequence with one output per input"
+            )
+        if count != expected:
+            return ValueError(f"run_batch returned {count} outputs for {expected} inputs")
+        return None
+
+    def _depth_changed(self) -> None:
+        depth = len(self._queue)
+        if depth != self._reported_depth:
+            self._reported_depth = depth
+            self._notify(self._on_queue_depth, depth, "on_queue_depth")
+
+    def _notify(self, callback: Callable[[Any], None] | None, value: Any, label: str) -> None:
+        if callback is None:
+            return
+        try:
+            callback(value)
+        except Exception:
+            logger.exception("%s: the %s callback raised; ignoring it", self._label, label)

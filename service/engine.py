@@ -1,0 +1,134 @@
+"""onnxruntime sessions: provider choice, the precision file that goes with it, warm-up.
+
+CUDA runs the fp16 file (prefer_nhwc, cuDNN exhaustive search, bounded arena);
+the CPU runs the fp32 one. onnxruntime falls back to the CPU silently when the
+CUDA libraries are missing, so the provider is read back from the session and
+reported, never assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from modelrepo.layout import file_sha256
+from modelrepo.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_preload_lock = threading.Lock()
+_preloaded = False
+
+
+class ModelLoadError(RuntimeError):
+    """A model version on disk cannot be served."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"  # auto | cuda | cpu
+    device_id: int = 0
+    cuda_mem_limit_bytes: int = 0
+    cudnn_exhaustive: bool = True
+    intra_op_threads: int = 0
+
+
+def cuda_available() -> bool:
+    return CUDA in ort.get_available_providers()
+
+
+def _preload_cuda_libraries() -> None:
+    """Let onnxruntime find CUDA/cuDNN installed from pip (nvidia-* wheels)."""
+    global _preloaded
+    with _preload_lock:
+        if _preloaded or not hasattr(ort, "preload_dlls"):
+            return
+        _preloaded = True
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # missing libraries: the session will say so and fall back
+            log.info("onnxruntime.preload_dlls() found nothing to load: %s", exc)
+
+
+def _cuda_options(config: EngineConfig) -> dict[str, str]:
+    options = {
+        "device_id": str(config.device_id),
+        "prefer_nhwc": "1",
+        "cudnn_conv_algo_search": "EXHAUSTIVE" if config.cudnn_exhaustive else "HEURISTIC",
+        "arena_extend_strategy": "kSameAsRequested",
+        "do_copy_in_default_stream": "1",
+    }
+    if config.cuda_mem_limit_bytes:
+        options["gpu_mem_limit"] = str(config.cuda_mem_limit_bytes)
+    return options
+
+
+class OnnxEngine:
+    """One session for one model version; ``run`` is safe to call from several threads."""
+
+    def __init__(self, version_dir: Path, manifest: Manifest, config: EngineConfig) -> None:
+        version_dir = Path(version_dir)
+        self.manifest = manifest
+        self.input_name = manifest.input.name
+        self.output_name = manifest.output.name
+        want_cuda = config.device in ("auto", "cuda") and cuda_available()
+        if want_cuda:
+            _preload_cuda_libraries()
+        precision = "fp16" if want_cuda and "fp16" in manifest.files else "fp32"
+        if precision not in manifest.files:
+            precision = next(iter(manifest.files))
+        self.session = self._open(version_dir / manifest.files[precision].path, want_cuda, config)
+        self.provider = self.session.get_providers()[0]
+        if want_cuda and self.provider != CUDA and precision == "fp16" and "fp32" in manifest.files:
+            log.warning("%s: CUDA provider did not load; using the CPU provider with the fp32 file", version_dir)
+            precision = "fp32"
+            self.session = self._open(version_dir / manifest.files[precision].path, False, config)
+            self.provider = self.session.get_providers()[0]
+        self.precision = precision
+        self.cuda_requested = config.device == "cuda" or want_cuda
+
+    @staticmethod
+    def _open(entry: Path, cuda: bool, config: EngineConfig) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if config.intra_op_threads:
+            options.intra_op_num_threads = config.intra_op_threads
+        providers: list = [CPU]
+        if cuda:
+            providers = [(CUDA, _cuda_options(config)), CPU]
+        try:
+            return ort.InferenceSession(str(entry), options, providers=providers)
+        except Exception as exc:
+            raise ModelLoadError(f"onnxruntime could not load {entry}: {exc}") from exc
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        _, height, width, channels = self.manifest.input.shape
+        for size in batch_sizes:
+            self.run(np.zeros((size, height, width, channels), dtype=np.uint8))
+
+
+def verify_files(version_dir: Path, manifest: Manifest) -> None:
+    """Every file the manifest lists exists inside the folder with its sha256."""
+    root = Path(version_dir).resolve()
+    for precision, entry in manifest.files.items():
+        path = (root / entry.path).resolve()
+        if path.parent != root:
+            raise ModelLoadError(f"{version_dir}: {precision} file {entry.path!r} is outside the version folder")
+        if not path.is_file():
+            raise ModelLoadError(f"{version_dir}: {precision} file {entry.path} is missing")
+        if path.stat().st_size != entry.bytes:
+            raise ModelLoadError(
+                f"{version_dir}: {entry.path} is {path.stat().st_size} bytes, the manifest says {entry.bytes}"
+            )
+        if file_sha256(path) != entry.sha256:
+            raise ModelLoadError(f"{version_dir}: {entry.path} does not match its sha256 in the manifest")

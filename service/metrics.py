@@ -1,0 +1,111 @@
+"""Prometheus metrics: base units (seconds), ``_total`` counters, histograms.
+
+Labels come only from served model names and versions (or ``_unknown`` for a
+request naming no served model), never from raw paths. With several worker
+processes, prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``,
+set by ``python -m service`` before the workers start) makes one scrape show
+the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    disable_created_metrics,
+    multiprocess,
+)
+from prometheus_client import REGISTRY as DEFAULT_REGISTRY
+
+# `_created` timestamps double the exposition and no dashboard here uses them.
+disable_created_metrics()
+
+LABELS = ("model", "version")
+UNKNOWN_MODEL = "_unknown"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25,
+                   0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+class Metrics:
+    """The service's metrics, registered once per process."""
+
+    def __init__(self, registry: CollectorRegistry = DEFAULT_REGISTRY) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "archserve_requests", "Classification requests by final HTTP status code.",
+            LABELS + ("code",), registry=registry,
+        )
+        self.images = Counter(
+            "archserve_images", "Images classified successfully.", LABELS, registry=registry,
+        )
+        self.request_latency = Histogram(
+            "archserve_request_duration_seconds",
+            "End-to-end time of a classification request, from arrival to response.",
+            LABELS, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.preprocess_latency = Histogram(
+            "archserve_preprocess_duration_seconds",
+            "Time to decode, resize and crop one image (thread pool).",
+            LABELS, buckets=STAGE_BUCKETS, registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "archserve_queue_wait_seconds",
+            "Time an image waited in its model's queue before its batch was dispatched.",
+            LABELS, buckets=STAGE_BUCKETS, registry=registry,
+        )
+        self.inference_latency = Histogram(
+            "archserve_inference_duration_seconds",
+            "onnxruntime run time of one batch.",
+            LABELS, buckets=STAGE_BUCKETS, registry=registry,
+        )
+        self.batch_size = Histogram(
+            "archserve_batch_size", "Images per batch sent to onnxruntime.",
+            LABELS, buckets=BATCH_BUCKETS, registry=registry,
+        )
+        self.batch_failures = Counter(
+            "archserve_batch_failures", "Batches whose onnxruntime run failed.", LABELS, registry=registry,
+        )
+        self.expired = Counter(
+            "archserve_expired_images", "Images dropped from a queue because their deadline passed.",
+            LABELS, registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "archserve_queue_depth", "Images waiting in the model's queue.",
+            LABELS, registry=registry, multiprocess_mode="livesum",
+        )
+        self.in_flight = Gauge(
+            "archserve_inflight_requests", "Classification requests being served.",
+            LABELS, registry=registry, multiprocess_mode="livesum",
+        )
+        self.model_info = Gauge(
+            "archserve_model_info",
+            "A served model version (value 1) and how it runs: architecture, precision, execution provider, "
+            "weight provenance.",
+            LABELS + ("architecture", "precision", "provider", "weights"),
+            registry=registry, multiprocess_mode="liveall",
+        )
+        self.ready = Gauge(
+            "archserve_ready", "1 once every model is loaded and warmed up.",
+            registry=registry, multiprocess_mode="livemin",
+        )
+
+
+def exposition(registry: CollectorRegistry = DEFAULT_REGISTRY) -> tuple[bytes, str]:
+    """The text exposition for ``/metrics``, merged over processes when multiprocess."""
+    if multiprocess_dir():
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+    return generate_latest(registry), CONTENT_TYPE_LATEST

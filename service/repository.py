@@ -1,0 +1,217 @@
+"""The models being served: loaded from the model repository, each with its engine and batcher."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from modelrepo.layout import list_model_names, list_versions
+from modelrepo.manifest import Manifest, load_manifest
+
+from .batching import BatchStats, Batcher
+from .engine import CUDA, EngineConfig, ModelLoadError, OnnxEngine, verify_files
+from .errors import NotFoundError
+from .metrics import Metrics
+from .preprocess import PreprocessSpec
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    name: str
+    version: int
+    path: Path
+    manifest: Manifest
+    engine: OnnxEngine
+    batcher: Batcher
+    preprocess: PreprocessSpec
+    instances: int
+    labels: np.ndarray = field(repr=False)
+
+    def describe(self, settings: Settings) -> dict:
+        m = self.manifest
+        weights = m.weights.model_dump(mode="json")
+        return {
+            "name": self.name,
+            "version": self.version,
+            "architecture": m.architecture,
+            "family": m.family,
+            "input": {"name": m.input.name, "layout": m.input.layout, "dtype": m.input.dtype,
+                      "shape": list(m.input.shape)},
+            "preprocessing": m.preprocessing.model_dump(mode="json"),
+            "num_classes": m.output.num_classes,
+            "precision": self.engine.precision,
+            "provider": self.engine.provider,
+            "precisions_available": sorted(m.files),
+            "batching": {
+                "max_batch_size": settings.max_batch_size,
+                "max_queue_delay_ms": settings.max_queue_delay_ms,
+                "max_queue_size": settings.max_queue_size,
+                "instances": self.instances,
+            },
+            "params": m.complexity.params,
+            "gflops": m.complexity.gflops,
+            "weights": weights,
+            "random_init": m.weights.source == "random-init",
+            "parity": m.parity.model_dump(mode="json"),
+            "created_at": m.created_at.isoformat(),
+        }
+
+
+def _parse_selection(entries: list[str]) -> dict[str, int | None]:
+    selection: dict[str, int | None] = {}
+    for entry in entries:
+        name, _, version = entry.partition("@")
+        if version and not version.isdigit():
+            raise ModelLoadError(f"ARCHSERVE_MODELS entry {entry!r}: the version after @ must be a positive integer")
+        selection[name] = int(version) if version else None
+    return selection
+
+
+def plan_versions(settings: Settings) -> list[tuple[str, int]]:
+    """Which (model, version) pairs to serve, or an error that says what is wrong."""
+    root = settings.models_dir
+    available = list_model_names(root)
+    if not available:
+        raise ModelLoadError(
+            f"no models in {root}/: export some first (`make models` or "
+            f"`python -m export --models resnet18 --out {root}`)"
+        )
+    selection = _parse_selection(settings.models) or {name: None for name in available}
+    plan = []
+    for name, pinned in selection.items():
+        versions = list_versions(root / name)
+        if not versions:
+            raise ModelLoadError(f"model {name!r} is not in {root}/; it holds: {', '.join(available)}")
+        if pinned is not None:
+            if pinned not in versions:
+                raise ModelLoadError(
+                    f"model {name!r} has no version {pinned} in {root}/; versions: {', '.join(map(str, versions))}"
+                )
+            plan.append((name, pinned))
+        elif settings.version_policy == "all":
+            plan.extend((name, v) for v in versions)
+        else:
+            plan.append((name, versions[-1]))
+    return plan
+
+
+def warmup_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, the powers of two below the maximum, and the maximum: the sizes batches take."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_batch_size]
+
+
+def load_model(name: str, version: int, settings: Settings, metrics: Metrics) -> ServedModel:
+    path = settings.models_dir / name / str(version)
+    try:
+        manifest = load_manifest(path)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: the manifest is invalid: {exc}") from exc
+    if manifest.name != name or manifest.version != version:
+        raise ModelLoadError(
+            f"{path}: the manifest says {manifest.name} v{manifest.version}; it must match its folder"
+        )
+    verify_files(path, manifest)
+    config = EngineConfig(
+        device=settings.device,
+        device_id=settings.device_id,
+        cuda_mem_limit_bytes=int(settings.cuda_mem_limit_gb * 1024**3),
+        cudnn_exhaustive=settings.cudnn_exhaustive,
+        intra_op_threads=settings.intra_op_threads,
+    )
+    engine = OnnxEngine(path, manifest, config)
+    if settings.warmup:
+        engine.warmup(warmup_batch_sizes(settings.max_batch_size))
+    instances = settings.instances or (2 if engine.provider == CUDA else 1)
+    labels = (str(version),)
+    observe = _batch_observer(metrics, name, str(version))
+    batcher = Batcher(
+        _stacked(engine),
+        max_batch_size=settings.max_batch_size,
+        max_queue_size=settings.max_queue_size,
+        instances=instances,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        name=f"{name}/{version}",
+        on_batch=observe,
+        on_queue_depth=metrics.queue_depth.labels(name, *labels).set,
+        on_expired=metrics.expired.labels(name, *labels).inc,
+    )
+    metrics.model_info.labels(
+        name, str(version), manifest.architecture, engine.precision, engine.provider, manifest.weights.source
+    ).set(1)
+    return ServedModel(
+        name=name, version=version, path=path, manifest=manifest, engine=engine, batcher=batcher,
+        preprocess=PreprocessSpec(
+            resize=manifest.preprocessing.resize, crop=manifest.preprocessing.crop,
+            interpolation=manifest.preprocessing.interpolation, max_pixels=settings.max_image_pixels,
+        ),
+        instances=instances,
+        labels=np.asarray(manifest.labels, dtype=object),
+    )
+
+
+def _stacked(engine: OnnxEngine):
+    def run_batch(items: list[np.ndarray]) -> list[np.ndarray]:
+        logits = engine.run(np.stack(items))
+        return list(logits)
+
+    return run_batch
+
+
+def _batch_observer(metrics: Metrics, name: str, version: str):
+    batch_size = metrics.batch_size.labels(name, version)
+    inference = metrics.inference_latency.labels(name, version)
+    queue_wait = metrics.queue_wait.labels(name, version)
+    failures = metrics.batch_failures.labels(name, version)
+
+    def on_batch(stats: BatchStats) -> None:
+        batch_size.observe(stats.size)
+        inference.observe(stats.run_s)
+        for wait in stats.queue_wait_s:
+            queue_wait.observe(wait)
+        if not stats.ok:
+            failures.inc()
+
+    return on_batch
+
+
+class ModelTable:
+    """Served model versions by name; lookups fail with the list of what exists."""
+
+    def __init__(self, models: list[ServedModel] | None = None) -> None:
+        self._by_name: dict[str, dict[int, ServedModel]] = {}
+        for model in models or []:
+            self._by_name.setdefault(model.name, {})[model.version] = model
+
+    def __iter__(self):
+        for versions in self._by_name.values():
+            yield from versions.values()
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def versions(self, name: str) -> dict[int, ServedModel]:
+        return self._by_name.get(name, {})
+
+    def get(self, name: str, version: int | None = None) -> ServedModel:
+        versions = self._by_name.get(name)
+        if not versions:
+            served = ", ".join(self.names()) or "none (the server may still be loading)"
+            raise NotFoundError(f"model {name!r} is not served; served models: {served}. See GET /models")
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            raise NotFoundError(
+                f"model {name!r} has no served version {version}; served versions: "
+                f"{', '.join(map(str, sorted(versions)))}"
+            )
+        return versions[version]

@@ -1,0 +1,35 @@
+"""Liveness, readiness and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from ..metrics import exposition
+from ..state import AppState
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live", summary="The process is up")
+async def live() -> dict:
+    return {"status": "alive"}
+
+
+@router.get("/health/ready", summary="Every model is loaded and warmed up")
+async def ready(request: Request) -> JSONResponse:
+    state: AppState = request.app.state.archserve
+    body = {"status": state.status if not state.shutting_down else "shutting_down", "ready": state.ready}
+    if state.ready:
+        body["models"] = [f"{m.name}/{m.version}" for m in state.models]
+        body["loaded_in_s"] = round(state.loaded_in_s or 0.0, 3)
+        return JSONResponse(body)
+    body["reason"] = state.reason if not state.shutting_down else "the server is shutting down"
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics", summary="Prometheus metrics (text exposition)")
+async def metrics(request: Request) -> Response:
+    state: AppState = request.app.state.archserve
+    data, content_type = exposition(state.metrics.registry)
+    return Response(data, media_type=content_type)

@@ -1,0 +1,30 @@
+"""``GET /models``: what is served and how it runs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..state import AppState
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/models", summary="Every served model version")
+async def list_models(request: Request) -> dict:
+    state: AppState = request.app.state.archserve
+    return {
+        "ready": state.ready,
+        "models": [m.describe(state.settings) for m in sorted(state.models, key=lambda m: (m.name, m.version))],
+    }
+
+
+@router.get("/models/{model}", summary="One model's served versions")
+async def get_model(request: Request, model: str) -> dict:
+    state: AppState = request.app.state.archserve
+    state.models.get(model)  # 404 with the list of served models
+    versions = state.models.versions(model)
+    return {
+        "name": model,
+        "latest_version": max(versions),
+        "versions": [versions[v].describe(state.settings) for v in sorted(versions)],
+    }

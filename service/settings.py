@@ -1,0 +1,60 @@
+"""Configuration: environment variables with the ``ARCHSERVE_`` prefix (or a ``.env`` file)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ARCHSERVE_", env_file=".env", extra="ignore")
+
+    # Where and what to serve
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, description="HTTP worker processes, each with its own sessions.")
+    models_dir: Path = Path("models")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated models to serve, each NAME or NAME@VERSION; empty serves every model.",
+    )
+    version_policy: Literal["latest", "all"] = Field(
+        "latest", description="Serve only the highest version of each model, or every published version."
+    )
+
+    # Execution
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device_id: int = Field(0, ge=0)
+    require_gpu: bool = Field(False, description="Refuse to become ready if a model falls back to the CPU.")
+    cuda_mem_limit_gb: float = Field(0.0, ge=0, description="CUDA memory arena limit per session; 0 = no limit.")
+    cudnn_exhaustive: bool = True
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per session; 0 = one per core.")
+    instances: int = Field(0, ge=0, description="Concurrent batches per model; 0 = 2 on CUDA, 1 on CPU.")
+
+    # Batching and limits
+    max_batch_size: int = Field(32, ge=1)
+    max_queue_delay_ms: float = Field(0.0, ge=0)
+    max_queue_size: int = Field(256, ge=1, description="Images waiting per model version before 503.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of a request, from arrival.")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Larger images are refused before decoding.")
+    decode_threads: int = Field(0, ge=0, description="Image decoding threads; 0 = one per core.")
+    warmup: bool = True
+    graceful_shutdown_s: float = Field(30.0, ge=0)
+    log_level: str = "info"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def decode_thread_count(self) -> int:
+        return self.decode_threads or (os.cpu_count() or 1)

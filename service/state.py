@@ -1,0 +1,83 @@
+"""What the running app holds: settings, metrics, served models, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .engine import CUDA, ModelLoadError
+from .errors import ServiceUnavailableError
+from .metrics import Metrics
+from .repository import ModelTable, ServedModel, load_model, plan_versions
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    decode_pool: ThreadPoolExecutor
+    models: ModelTable = field(default_factory=ModelTable)
+    ready: bool = False
+    shutting_down: bool = False
+    status: str = "loading"
+    reason: str = "models are loading and warming up"
+    loaded_in_s: float | None = None
+
+    def require_ready(self) -> None:
+        if self.shutting_down:
+            raise ServiceUnavailableError("the server is shutting down; retry on another replica", retry_after_s=1)
+        if not self.ready:
+            raise ServiceUnavailableError(f"the server is not ready: {self.reason}", retry_after_s=5)
+
+    async def load(self) -> None:
+        """Load, verify and warm up every model, then start their batchers and turn ready."""
+        started = time.monotonic()
+        try:
+            loaded = await asyncio.to_thread(self._load_all)
+            for model in loaded:
+                await model.batcher.start()
+        except ModelLoadError as exc:
+            self.status, self.reason = "failed", str(exc)
+            self.metrics.ready.set(0)
+            log.error("not ready: %s", exc)
+            return
+        except Exception as exc:  # an unexpected failure must still be visible at /health/ready
+            self.status, self.reason = "failed", f"{type(exc).__name__}: {exc}"
+            self.metrics.ready.set(0)
+            log.exception("model loading failed")
+            return
+        self.models = ModelTable(loaded)
+        self.loaded_in_s = time.monotonic() - started
+        self.ready, self.status, self.reason = True, "ready", ""
+        self.metrics.ready.set(1)
+        for model in loaded:
+            log.info(
+                "serving %s v%d on %s (%s), %d instance(s)",
+                model.name, model.version, model.engine.provider, model.engine.precision, model.instances,
+            )
+
+    def _load_all(self) -> list[ServedModel]:
+        loaded = []
+        for name, version in plan_versions(self.settings):
+            self.reason = f"loading {name} v{version}"
+            model = load_model(name, version, self.settings, self.metrics)
+            if self.settings.require_gpu and model.engine.provider != CUDA:
+                raise ModelLoadError(
+                    f"require_gpu is set but {name} v{version} runs on {model.engine.provider}: the CUDA "
+                    "provider did not load (no GPU, or CUDA/cuDNN libraries missing; see the log)"
+                )
+            loaded.append(model)
+        return loaded
+
+    async def close(self) -> None:
+        self.ready, self.shutting_down = False, True
+        self.metrics.ready.set(0)
+        for model in self.models:
+            await model.batcher.close(drain=True, timeout=self.settings.graceful_shutdown_s)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)

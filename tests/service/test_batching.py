@@ -1,0 +1,467 @@
+"""The dynamic batcher, driven by a fake engine that the tests hold and release."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from service.batching import (
+    BatchFailedError,
+    Batcher,
+    BatcherClosedError,
+    BatchingError,
+    BatchStats,
+    DeadlineExceededError,
+    QueueFullError,
+)
+
+pytestmark = pytest.mark.anyio
+
+HOLD = 1000
+FAIL = -1
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeEngine:
+    """Doubles its inputs; blocks while a batch holds HOLD, raises if one holds FAIL."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.off_loop = True
+
+    def __call__(self, items: list[int]) -> list[int]:
+        if threading.current_thread() is threading.main_thread():
+            self.off_loop = False
+        self.batches.append(list(items))
+        if HOLD in items:
+            self.entered.set()
+            assert self.gate.wait(10), "the test never released the engine"
+        if FAIL in items:
+            raise ValueError(f"cannot process {items}")
+        return [x * 2 for x in items]
+
+    @property
+    def seen(self) -> list[int]:
+        return [x for batch in self.batches for x in batch]
+
+    def sizes_after_hold(self) -> list[int]:
+        index = next(i for i, b in enumerate(self.batches) if HOLD in b)
+        return [len(b) for b in self.batches[index + 1 :]]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    engine: FakeEngine, run_batch: Callable[[list[int]], list[int]] | None = None, **kwargs
+) -> AsyncIterator[Batcher[int, int]]:
+    kwargs.setdefault("max_batch_size", 4)
+    kwargs.setdefault("max_queue_size", 64)
+    batcher: Batcher[int, int] = Batcher(run_batch or engine, **kwargs)
+    await batcher.start()
+    try:
+        yield batcher
+    finally:
+        engine.gate.set()
+        await batcher.close(timeout=5)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < give_up, "condition not reached in time"
+        await asyncio.sleep(0.002)
+
+
+async def hold_engine(batcher: Batcher[int, int], engine: FakeEngine) -> asyncio.Task[int]:
+    """Occupy the (single) worker with a batch that runs until ``engine.gate`` is set."""
+    task = asyncio.create_task(batcher.submit(HOLD))
+    await eventually(engine.entered.is_set)
+    return task
+
+
+def spawn(batcher: Batcher[int, int], items, **kwargs) -> list[asyncio.Task[int]]:
+    return [asyncio.create_task(batcher.submit(x, **kwargs)) for x in items]
+
+
+async def test_low_load_dispatches_alone_without_waiting():
+    engine = FakeEngine()
+    stats: list[BatchStats] = []
+    async with running(engine, max_batch_size=8, on_batch=stats.append) as batcher:
+        assert await batcher.submit(3) == 6
+        assert await batcher.submit(4) == 8
+    assert engine.batches == [[3], [4]]
+    assert engine.off_loop, "run_batch ran on the event loop thread"
+    assert [s.size for s in stats] == [1, 1]
+    assert all(s.queue_wait_s[0] < 1.0 for s in stats)
+
+
+async def test_batches_form_under_load_and_respect_max_size():
+    engine = FakeEngine()
+    async with running(engine, max_batch_size=4) as batcher:
+        held = await hold_engine(batcher, engine)
+        tasks = spawn(batcher, range(10))
+        await eventually(lambda: batcher.queue_depth == 10)
+        engine.gate.set()
+        assert await asyncio.gather(*tasks) == [x * 2 for x in range(10)]
+        assert await held == HOLD * 2
+    assert engine.sizes_after_hold() == [4, 4, 2]
+    assert engine.seen[1:] == list(range(10)), "FIFO order within the queue"
+
+
+async def test_max_batch_size_holds_with_many_concurrent_callers():
+    engine = FakeEngine()
+    async with running(engine, max_batch_size=3, max_queue_size=200) as batcher:
+        results = await asyncio.gather(*spawn(batcher, range(100)))
+    assert results == [x * 2 for x in range(100)]
+    assert all(1 <= len(b) <= 3 for b in engine.batches)
+    assert sorted(engine.seen) == list(range(100))
+
+
+async def test_max_queue_delay_groups_items_and_dispatches_when_full():
+    engine = FakeEngine()
+    async with running(engine, max_batch_size=3, max_queue_delay_ms=5000) as batcher:
+        started = time.monotonic()
+        first = asyncio.create_task(batcher.submit(1))
+        await eventually(lambda: batcher.queue_depth == 1)
+        await asyncio.sleep(0.05)
+        assert engine.batches == [], "dispatched before the delay or a full batch"
+        rest = spawn(batcher, [2, 3])
+        assert await asyncio.gather(first, *rest) == [2, 4, 6]
+        assert time.monotonic() - started < 4.0, "a full batch must not wait out the delay"
+    assert engine.batches == [[1, 2, 3]]
+
+
+async def test_max_queue_delay_is_never_exceeded_for_a_partial_batch():
+    engine = FakeEngine()
+    stats: list[BatchStats] = []
+    async with running(engine, max_batch_size=8, max_queue_delay_ms=100, on_batch=stats.append) as batcher:
+        started = time.monotonic()
+        assert await batcher.submit(5) == 10
+        elapsed = time.monotonic() - started
+    assert engine.batches == [[5]]
+    assert elapsed >= 0.09
+    assert stats[0].queue_wait_s[0] >= 0.09
+    assert elapsed < 3.0
+
+
+async def test_two_instances_run_two_batches_concurrently():
+    barrier = threading.Barrier(2, timeout=5)
+    threads: set[str] = set()
+
+    def run_batch(items: list[int]) -> list[int]:
+        threads.add(threading.current_thread().name)
+        barrier.wait()
+        return [x * 2 for x in items]
+
+    engine = FakeEngine()
+    async with running(engine, run_batch, max_batch_size=1, instances=2) as batcher:
+        assert await asyncio.gather(*spawn(batcher, [1, 2])) == [2, 4]
+    assert len(threads) == 2
+
+
+async def test_queue_full_rejects_at_once_and_service_continues():
+    engine = FakeEngine()
+    async with running(engine, max_batch_size=1, max_queue_size=2) as batcher:
+        held = await hold_engine(batcher, engine)
+        queued = spawn(batcher, [1, 2])
+        await eventually(lambda: batcher.queue_depth == 2)
+        with pytest.raises(QueueFullError, match="queue full"):
+            await batcher.submit(3)
+        assert batcher.queue_depth == 2
+        assert batcher.in_flight == 1
+        engine.gate.set()
+        assert await asyncio.gather(held, *queued) == [HOLD * 2, 2, 4]
+        assert await batcher.submit(4) == 8
+    assert 3 not in engine.seen
+
+
+async def test_deadline_passing_while_queued_fails_without_running():
+    engine = FakeEngine()
+    expired: list[int] = []
+    async with running(engine, max_batch_size=4, on_expired=expired.append) as batcher:
+        held = await hold_engine(batcher, engine)
+        with pytest.raises(DeadlineExceededError):
+            await batcher.submit(7, deadline=time.monotonic() + 0.05)
+        assert batcher.queue_depth == 0
+        assert expired == [1]
+        engine.gate.set()
+        await held
+        assert await batcher.submit(8) == 16
+    assert 7 not in engine.seen
+
+
+async def test_expired_items_are_counted_once_whoever_notices_first():
+    engine = FakeEngine()
+    expired: list[int] = []
+    async with running(engine, max_batch_size=4, on_expired=expired.append) as batcher:
+        held = await hold_engine(batcher, engine)
+        many = asyncio.create_task(batcher.submit_many([1, 2, 3], deadline=time.monotonic() + 0.1))
+        await eventually(lambda: batcher.queue_depth == 3)
+        engine.gate.set()
+        time.sleep(0.15)  # block the loop: the timers and the freed worker race
+        with pytest.raises(DeadlineExceededError):
+            await many
+        await held
+        assert batcher.queue_depth == 0
+    assert sum(expired) == 3
+    assert engine.seen == [HOLD]
+
+
+async def test_deadline_already_passed_is_rejected_at_submit():
+    engine = FakeEngine()
+    expired: list[int] = []
+    async with running(engine, on_expired=expired.append) as batcher:
+        with pytest.raises(DeadlineExceededError):
+            await batcher.submit(1, deadline=time.monotonic() - 1)
+    assert engine.batches == []
+    assert expired == [1]
+
+
+async def test_deadline_passing_while_running_fails_the_caller_and_batch_completes():
+    engine = FakeEngine()
+    stats: list[BatchStats] = []
+    async with running(engine, on_batch=stats.append) as batcher:
+        with pytest.raises(DeadlineExceededError):
+            await batcher.submit(HOLD, deadline=time.monotonic() + 0.3)
+        assert engine.entered.is_set()
+        assert batcher.in_flight == 1
+        engine.gate.set()
+        await eventually(lambda: batcher.in_flight == 0)
+        assert await batcher.submit(2) == 4
+    assert engine.batches == [[HOLD], [2]]
+    assert stats[0].ok
+
+
+async def test_cancelled_caller_leaves_the_queue_and_is_never_run():
+    engine = FakeEngine()
+    async with running(engine, max_batch_size=4) as batcher:
+        held = await hold_engine(batcher, engine)
+        doomed = asyncio.create_task(batcher.submit(7))
+        kept = asyncio.create_task(batcher.submit(8))
+        await eventually(lambda: batcher.queue_depth == 2)
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert batcher.queue_depth == 1
+        engine.gate.set()
+        assert await held == HOLD * 2
+        assert await kept == 16
+    assert 7 not in engine.seen
+    assert engine.batches[-1] == [8]
+
+
+async def test_exception_reaches_every_waiter_and_next_batch_works():
+    engine = FakeEngine()
+    stats: list[BatchStats] = []
+    async with running(engine, max_batch_size=4, on_batch=stats.append) as batcher:
+        held = await hold_engine(batcher, engine)
+        doomed = spawn(batcher, [FAIL, 1, 2])
+        await eventually(lambda: batcher.queue_depth == 3)
+        engine.gate.set()
+        await held
+        errors = await asyncio.gather(*doomed, return_exceptions=True)
+        assert await batcher.submit(3) == 6
+    assert engine.batches[1] == [FAIL, 1, 2]
+    for error in errors:
+        assert isinstance(error, BatchFailedError)
+        assert isinstance(error.__cause__, ValueError)
+        assert "cannot process" in str(error)
+    assert len({id(e) for e in errors}) == 3, "each waiter gets its own exception"
+    assert [s.ok for s in stats] == [True, False, True]
+
+
+async def test_output_count_mismatch_fails_the_whole_batch():
+    engine = FakeEngine()
+
+    def short(items: list[int]) -> list[int]:
+        outputs = engine(items)
+        return outputs if HOLD in items else outputs[:-1]
+
+    async with running(engine, short, max_batch_size=4) as batcher:
+        held = await hold_engine(batcher, engine)
+        tasks = spawn(batcher, [1, 2, 3])
+        await eventually(lambda: batcher.queue_depth == 3)
+        engine.gate.set()
+        await held
+        errors = await asyncio.gather(*tasks, return_exceptions=True)
+    assert len(errors) == 3
+    for error in errors:
+        assert isinstance(error, BatchFailedError)
+        assert "returned 2 outputs for 3 inputs" in str(error)
+
+
+async def test_submit_many_keeps_order_across_batches():
+    engine = FakeEngine()
+    async with running(engine, max_batch_size=3) as batcher:
+        assert await batcher.submit_many(list(range(7))) == [x * 2 for x in range(7)]
+        assert await batcher.submit_many([]) == []
+    assert all(len(b) <= 3 for b in engine.batches)
+    assert engine.seen == list(range(7))
+
+
+async def test_submit_many_admission_is_all_or_nothing():
+    engine = FakeEngine()
+    async with running(engine, max_batch_size=4, max_queue_size=4) as batcher:
+        held = await hold_engine(batcher, engine)
+        first = asyncio.create_task(batcher.submit_many([1, 2]))
+        await eventually(lambda: batcher.queue_depth == 2)
+        with pytest.raises(QueueFullError):
+            await batcher.submit_many([10, 11, 12])
+        assert batcher.queue_depth == 2
+        with pytest.raises(QueueFullError, match="never fit"):
+            await batcher.submit_many(list(range(20, 25)))
+        second = asyncio.create_task(batcher.submit_many([3, 4]))
+        await eventually(lambda: batcher.queue_depth == 4)
+        engine.gate.set()
+        await held
+        assert await first == [2, 4]
+        assert await second == [6, 8]
+    assert not {10, 11, 12} & set(engine.seen)
+
+
+async def test_submit_many_failure_cancels_the_rest():
+    engine = FakeEngine()
+    async with running(engine, max_batch_size=1) as batcher:
+        with pytest.raises(BatchFailedError):
+            await batcher.submit_many([FAIL, HOLD, 5])
+        assert batcher.queue_depth == 0
+        engine.gate.set()
+        await eventually(lambda: batcher.in_flight == 0)
+        assert await batcher.submit(6) == 12
+    assert 5 not in engine.seen
+
+
+async def test_close_with_drain_answers_everything_then_rejects():
+    engine = FakeEngine()
+    batcher: Batcher[int, int] = Batcher(engine, max_batch_size=2, max_queue_size=64)
+    await batcher.start()
+    held = await hold_engine(batcher, engine)
+    tasks = spawn(batcher, range(9))
+    await eventually(lambda: batcher.queue_depth == 9)
+    closing = asyncio.create_task(batcher.close(drain=True))
+    await asyncio.sleep(0)
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit(100)
+    engine.gate.set()
+    await closing
+    assert held.result() == HOLD * 2
+    assert [t.result() for t in tasks] == [x * 2 for x in range(9)]
+    assert batcher.queue_depth == 0 and batcher.in_flight == 0
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit(101)
+    assert 100 not in engine.seen and 101 not in engine.seen
+    await batcher.close()
+
+
+async def test_close_without_drain_fails_queued_but_finishes_in_flight():
+    engine = FakeEngine()
+    depths: list[int] = []
+    batcher: Batcher[int, int] = Batcher(engine, max_batch_size=2, max_queue_size=64, on_queue_depth=depths.append)
+    await batcher.start()
+    held = await hold_engine(batcher, engine)
+    tasks = spawn(batcher, range(5))
+    await eventually(lambda: batcher.queue_depth == 5)
+    closing = asyncio.create_task(batcher.close(drain=False))
+    errors = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(e, BatcherClosedError) for e in errors)
+    engine.gate.set()
+    await closing
+    assert await held == HOLD * 2
+    assert engine.batches == [[HOLD]]
+    assert depths[-1] == 0
+
+
+async def test_close_timeout_fails_a_stuck_batch():
+    engine = FakeEngine()
+    batcher: Batcher[int, int] = Batcher(engine, max_batch_size=2, max_queue_size=64)
+    await batcher.start()
+    try:
+        held = await hold_engine(batcher, engine)
+        queued = asyncio.create_task(batcher.submit(1))
+        await eventually(lambda: batcher.queue_depth == 1)
+        await batcher.close(timeout=0.1)
+        with pytest.raises(BatcherClosedError):
+            await held
+        with pytest.raises(BatcherClosedError):
+            await queued
+    finally:
+        engine.gate.set()
+
+
+async def test_callbacks_receive_plausible_values():
+    engine = FakeEngine()
+    stats: list[BatchStats] = []
+    depths: list[int] = []
+    async with running(engine, max_batch_size=4, on_batch=stats.append, on_queue_depth=depths.append) as batcher:
+        held = await hold_engine(batcher, engine)
+        tasks = spawn(batcher, range(6))
+        await eventually(lambda: batcher.queue_depth == 6)
+        engine.gate.set()
+        await asyncio.gather(held, *tasks)
+    assert [s.size for s in stats] == [1, 4, 2]
+    for s in stats:
+        assert s.ok
+        assert len(s.queue_wait_s) == s.size
+        assert all(w >= 0 for w in s.queue_wait_s)
+        assert s.run_s >= 0
+    assert stats[0].run_s > 0
+    assert max(depths) == 6
+    assert depths[-1] == 0
+    assert all(a != b for a, b in zip(depths, depths[1:])), "reported only on change"
+
+
+async def test_raising_callbacks_are_logged_and_ignored(caplog):
+    def boom(_):
+        raise RuntimeError("callback bug")
+
+    engine = FakeEngine()
+    with caplog.at_level(logging.ERROR, logger="service.batching"):
+        async with running(engine, on_batch=boom, on_queue_depth=boom, on_expired=boom) as batcher:
+            assert await batcher.submit(1) == 2
+            with pytest.raises(DeadlineExceededError):
+                await batcher.submit(2, deadline=time.monotonic() - 1)
+            assert await batcher.submit_many([3, 4]) == [6, 8]
+    logged = {r.getMessage() for r in caplog.records}
+    assert any("on_batch" in m for m in logged)
+    assert any("on_queue_depth" in m for m in logged)
+    assert any("on_expired" in m for m in logged)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"max_batch_size": 0}, ValueError, "max_batch_size must be >= 1, got 0"),
+        ({"max_queue_size": 0}, ValueError, "max_queue_size must be >= 1, got 0"),
+        ({"instances": 0}, ValueError, "instances must be >= 1, got 0"),
+        ({"max_queue_delay_ms": -1}, ValueError, "max_queue_delay_ms must be a finite number >= 0"),
+        ({"max_queue_delay_ms": float("nan")}, ValueError, "max_queue_delay_ms must be a finite number >= 0"),
+        ({"max_batch_size": 2.5}, TypeError, "max_batch_size must be an int"),
+        ({"on_batch": 3}, TypeError, "on_batch must be callable"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, error, message):
+    arguments = {"max_batch_size": 4, "max_queue_size": 8, **kwargs}
+    with pytest.raises(error, match=message):
+        Batcher(FakeEngine(), **arguments)
+
+
+async def test_submit_before_start_is_an_error():
+    batcher: Batcher[int, int] = Batcher(FakeEngine(), max_batch_size=1, max_queue_size=1)
+    with pytest.raises(RuntimeError, match="start"):
+        await batcher.submit(1)
+
+
+def test_errors_share_a_base_class():
+    for error in (QueueFullError, DeadlineExceededError, BatcherClosedError, BatchFailedError):
+        assert issubclass(error, BatchingError)

@@ -1,0 +1,197 @@
+"""The HTTP API over a real uvicorn server and real exported models."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from export.preprocess import reference_preprocess
+from modelrepo import load_manifest
+from tests.images import jpeg, variants
+from tests.service.server import running_server
+
+
+@pytest.fixture(scope="module")
+def server(exported_repo):
+    with running_server(
+        models_dir=exported_repo, max_batch_size=8, max_body_bytes=2_000_000, max_image_pixels=4_000_000,
+        max_images_per_request=8,
+    ) as (url, app):
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server[0]
+
+
+def metric_samples(url: str) -> dict:
+    text = httpx.get(url + "/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def sample(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)
+
+
+def reference_top_k(repo, data: bytes, k: int):
+    manifest = load_manifest(repo / "resnet18" / "1")
+    p = manifest.preprocessing
+    array = reference_preprocess(io.BytesIO(data), p.resize, p.crop, p.interpolation)
+    session = ort.InferenceSession(str(repo / "resnet18" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"image": array[None]})[0][0].astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)[:k]
+    return [(int(i), manifest.labels[i], float(probs[i])) for i in order]
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png-rgba", "jpeg-exif-rotated", "webp"])
+def test_top_k_equals_the_model_run_on_the_reference_preprocessing(url, exported_repo, kind):
+    data = variants(seed=4)[kind]
+    response = httpx.post(f"{url}/classify/resnet18?top_k=3", content=data, headers={"Content-Type": "image/*"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "resnet18" and body["version"] == 1 and body["weights"] == "random-init"
+    assert response.headers["X-Request-ID"] == body["request_id"]
+    (result,) = body["results"]
+    got = [(p["index"], p["label"], p["score"]) for p in result["predictions"]]
+    expected = reference_top_k(exported_repo, data, 3)
+    assert [g[:2] for g in got] == [e[:2] for e in expected]
+    np.testing.assert_allclose([g[2] for g in got], [e[2] for e in expected], rtol=1e-4)
+
+
+def test_multipart_images_come_back_in_order(url, exported_repo):
+    images = [jpeg(seed=s) for s in range(3)]
+    files = [("images", (f"img{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+    response = httpx.post(f"{url}/classify/resnet18/versions/1?top_k=1", files=files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == ["img0.jpg", "img1.jpg", "img2.jpg"]
+    for data, result in zip(images, results):
+        assert result["predictions"][0]["index"] == reference_top_k(exported_repo, data, 1)[0][0]
+
+
+def test_client_request_id_is_kept(url):
+    response = httpx.post(f"{url}/classify/resnet18", content=jpeg(), headers={"X-Request-ID": "abc-123"})
+    assert response.json()["request_id"] == "abc-123" and response.headers["X-Request-ID"] == "abc-123"
+
+
+def test_concurrent_requests_are_batched(url):
+    before = metric_samples(url)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            data = jpeg(seed=9)
+            return await asyncio.gather(*(client.post(f"{url}/classify/resnet18", content=data) for _ in range(24)))
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    after = metric_samples(url)
+    labels = dict(model="resnet18", version=1)
+    batches = sample(after, "archserve_batch_size_count", **labels) - sample(before, "archserve_batch_size_count", **labels)
+    images = sample(after, "archserve_batch_size_sum", **labels) - sample(before, "archserve_batch_size_sum", **labels)
+    assert images == 24
+    assert batches < 24, "every image ran alone: no batching happened"
+    single = sample(after, "archserve_batch_size_bucket", le="1.0", **labels) - sample(
+        before, "archserve_batch_size_bucket", le="1.0", **labels)
+    assert single < batches
+    # and nothing larger than max_batch_size=8
+    assert sample(after, "archserve_batch_size_bucket", le="8.0", **labels) == sample(
+        after, "archserve_batch_size_count", **labels)
+
+
+def _chunks(data: bytes, size: int = 65536):
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, status, code, message",
+    [
+        (dict(path="/classify/resnet99"), 404, "not_found", "served models: resnet18"),
+        (dict(path="/classify/resnet18/versions/7"), 404, "not_found", "served versions: 1"),
+        (dict(content=b"this is not an image"), 400, "invalid_image", "not an image"),
+        (dict(content=jpeg()[:5000]), 400, "invalid_image", "truncated or corrupt"),
+        (dict(content=b"", headers={"Content-Type": "image/jpeg"}), 400, "bad_request", "no body"),
+        (dict(content=b"hello", headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type", "text/plain"),
+        (dict(content=b"%PDF-1.4 ..."), 415, "unsupported_media_type", "PDF"),
+        (dict(content=b"x" * 2_000_001), 413, "payload_too_large", "over the limit of 2000000"),
+        (dict(content=_chunks(b"x" * 3_000_000)), 413, "payload_too_large", "exceeds the limit"),
+        (dict(content=jpeg(2400, 1800, quality=20)), 413, "image_too_large", "over the limit of 4000000"),
+        (dict(path="/classify/resnet18?top_k=0"), 400, "bad_request", "top_k"),
+        (dict(path="/classify/resnet18?top_k=many"), 400, "bad_request", "top_k"),
+        (dict(files=[("f", ("a.txt", b"x", "text/plain"))] * 9), 400, "bad_request", "multipart"),
+        (dict(files={"field": (None, "just text")}), 400, "bad_request", "no files"),
+    ],
+    ids=["unknown-model", "unknown-version", "not-image", "truncated", "empty", "text-type", "pdf",
+         "too-large-declared", "too-large-chunked", "too-many-pixels", "top-k-zero", "top-k-text",
+         "too-many-files", "multipart-no-file"],
+)
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(url, request_kwargs, status, code, message):
+    kwargs = dict(request_kwargs)
+    path = kwargs.pop("path", "/classify/resnet18")
+    if "content" not in kwargs and "files" not in kwargs:
+        kwargs["content"] = jpeg()
+    response = httpx.post(url + path, timeout=60, **kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == code and message in body["error"], body
+    follow_up = httpx.post(f"{url}/classify/resnet18", content=jpeg(seed=1), timeout=60)
+    assert follow_up.status_code == 200
+
+
+def test_models_endpoints_describe_what_is_served(url):
+    listing = httpx.get(f"{url}/models").json()
+    (model,) = listing["models"]
+    assert model["name"] == "resnet18" and model["version"] == 1
+    assert model["provider"] == "CPUExecutionProvider" and model["precision"] == "fp32"
+    assert model["random_init"] is True and model["weights"]["source"] == "random-init"
+    assert model["batching"]["max_batch_size"] == 8 and model["input"]["shape"] == [None, 224, 224, 3]
+    assert model["params"] == 11689512 and model["gflops"] > 1.8
+    one = httpx.get(f"{url}/models/resnet18").json()
+    assert one["latest_version"] == 1 and one["versions"][0]["architecture"] == "resnet18"
+    missing = httpx.get(f"{url}/models/vgg16")
+    assert missing.status_code == 404 and "resnet18" in missing.json()["error"]
+
+
+def test_health_and_docs(url):
+    assert httpx.get(f"{url}/health/live").json() == {"status": "alive"}
+    ready = httpx.get(f"{url}/health/ready").json()
+    assert ready["ready"] is True and ready["models"] == ["resnet18/1"]
+    spec = httpx.get(f"{url}/openapi.json").json()
+    assert "/classify/{model}" in spec["paths"] and "image/jpeg" in str(spec["paths"]["/classify/{model}"])
+    assert httpx.get(f"{url}/docs").status_code == 200
+
+
+def test_metrics_exposition_parses_and_uses_only_known_labels(url):
+    httpx.post(f"{url}/classify/..%2F..%2Fetc%2Fpasswd", content=jpeg())
+    httpx.post(f"{url}/classify/resnet18", content=jpeg())
+    text = httpx.get(f"{url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name, kind in [
+        ("archserve_requests", "counter"), ("archserve_images", "counter"),
+        ("archserve_request_duration_seconds", "histogram"), ("archserve_preprocess_duration_seconds", "histogram"),
+        ("archserve_queue_wait_seconds", "histogram"), ("archserve_inference_duration_seconds", "histogram"),
+        ("archserve_batch_size", "histogram"), ("archserve_queue_depth", "gauge"),
+        ("archserve_inflight_requests", "gauge"), ("archserve_model_info", "gauge"),
+    ]:
+        assert families[name].type == kind, name
+        assert families[name].documentation and "TODO" not in families[name].documentation
+    models = {s.labels.get("model") for f in families.values() for s in f.samples if "model" in s.labels}
+    assert models == {"resnet18", "_unknown"}
+    (info,) = families["archserve_model_info"].samples
+    assert info.labels == {"model": "resnet18", "version": "1", "architecture": "resnet18", "precision": "fp32",
+                           "provider": "CPUExecutionProvider", "weights": "random-init"}
+    samples = metric_samples(url)
+    assert sample(samples, "archserve_requests_total", model="_unknown", version="", code="404") >= 1

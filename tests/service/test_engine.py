@@ -1,0 +1,95 @@
+"""Sessions, the precision/provider choice, and the checks made before a model is served."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from modelrepo import load_manifest
+from service.engine import CPU, EngineConfig, ModelLoadError, OnnxEngine, cuda_available, verify_files
+from service.repository import plan_versions, warmup_batch_sizes
+from service.settings import Settings
+
+
+@pytest.fixture()
+def version_dir(exported_repo, tmp_path):
+    target = tmp_path / "resnet18" / "1"
+    shutil.copytree(exported_repo / "resnet18" / "1", target)
+    return target
+
+
+def test_cpu_engine_runs_the_fp32_file_and_reports_its_provider(version_dir):
+    engine = OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="cpu"))
+    assert engine.provider == CPU and engine.precision == "fp32"
+    logits = engine.run(np.zeros((3, 224, 224, 3), np.uint8))
+    assert logits.shape == (3, 1000) and logits.dtype == np.float32
+
+
+def test_auto_device_reports_what_actually_runs(version_dir):
+    engine = OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="auto"))
+    if cuda_available() and engine.provider == "CUDAExecutionProvider":
+        assert engine.precision == "fp16"
+    else:  # this machine: the CUDA provider is listed but cannot load, so the CPU runs fp32
+        assert (engine.provider, engine.precision) == (CPU, "fp32")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:1000]), "bytes, the manifest says"),
+        (lambda d: (d / "model.fp16.onnx").unlink(), "is missing"),
+        (lambda d: _flip_byte(d / "model.onnx"), "does not match its sha256"),
+    ],
+    ids=["truncated", "missing", "corrupted"],
+)
+def test_damaged_files_are_refused_before_loading(version_dir, damage, message):
+    damage(version_dir)
+    with pytest.raises(ModelLoadError, match=message):
+        verify_files(version_dir, load_manifest(version_dir))
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_files_outside_the_version_folder_are_refused(version_dir):
+    manifest = load_manifest(version_dir)
+    evil = manifest.model_copy(update={"files": {"fp32": manifest.files["fp32"].model_copy(update={"path": ".."})}})
+    with pytest.raises(ModelLoadError, match="outside the version folder"):
+        verify_files(version_dir, evil)
+
+
+def test_version_selection(tmp_path, exported_repo):
+    for version in (1, 2, 5):
+        shutil.copytree(exported_repo / "resnet18" / "1", tmp_path / "resnet18" / str(version))
+    assert plan_versions(Settings(models_dir=tmp_path)) == [("resnet18", 5)]
+    assert plan_versions(Settings(models_dir=tmp_path, version_policy="all")) == [
+        ("resnet18", 1), ("resnet18", 2), ("resnet18", 5)]
+    assert plan_versions(Settings(models_dir=tmp_path, models=["resnet18@2"])) == [("resnet18", 2)]
+    with pytest.raises(ModelLoadError, match="no version 3 .* versions: 1, 2, 5"):
+        plan_versions(Settings(models_dir=tmp_path, models=["resnet18@3"]))
+    with pytest.raises(ModelLoadError, match="'vgg' is not in .* it holds: resnet18"):
+        plan_versions(Settings(models_dir=tmp_path, models=["vgg"]))
+    with pytest.raises(ModelLoadError, match="no models in"):
+        plan_versions(Settings(models_dir=tmp_path / "empty"))
+
+
+def test_warmup_covers_the_batch_sizes_batches_take():
+    assert warmup_batch_sizes(1) == [1]
+    assert warmup_batch_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert warmup_batch_sizes(24) == [1, 2, 4, 8, 16, 24]
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("ARCHSERVE_MODELS", "resnet50, resnet18@2")
+    monkeypatch.setenv("ARCHSERVE_MAX_BATCH_SIZE", "64")
+    monkeypatch.setenv("ARCHSERVE_REQUIRE_GPU", "true")
+    settings = Settings()
+    assert settings.models == ["resnet50", "resnet18@2"] and settings.max_batch_size == 64 and settings.require_gpu
+    monkeypatch.setenv("ARCHSERVE_MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Settings()

@@ -1,0 +1,165 @@
+"""Overload, deadlines, readiness, disconnects, worker processes and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.images import jpeg
+from tests.service.server import free_port, running_server, wait_until
+
+
+def counter(url: str, name: str, **labels) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == str(v) for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+async def _burst(url: str, count: int, data: bytes, timeout: float = 120) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=count)) as client:
+        return await asyncio.gather(*(client.post(f"{url}/classify/resnet18", content=data) for _ in range(count)))
+
+
+def test_full_queue_answers_503_with_retry_after_and_recovers(exported_repo):
+    with running_server(models_dir=exported_repo, max_batch_size=1, max_queue_size=2) as (url, _):
+        responses = asyncio.run(_burst(url, 24, jpeg()))
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) == {200, 503}, codes
+        rejected = next(r for r in responses if r.status_code == 503)
+        assert rejected.headers["Retry-After"] == "1" and rejected.json()["code"] == "queue_full"
+        assert "at its limit" in rejected.json()["error"]
+        assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
+        assert counter(url, "archserve_requests_total", code=503) == codes.count(503)
+
+
+def test_deadline_exceeded_is_504_and_the_server_keeps_serving(exported_repo):
+    with running_server(models_dir=exported_repo, request_timeout_s=0.001) as (url, app):
+        response = httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60)
+        assert response.status_code == 504 and response.json()["code"] == "deadline_exceeded"
+        app.state.archserve.settings.request_timeout_s = 60.0
+        assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
+
+
+def test_empty_repository_is_live_but_not_ready_and_says_why(tmp_path):
+    with running_server(wait_ready=False, models_dir=tmp_path) as (url, _):
+        deadline = time.monotonic() + 30
+        while (ready := httpx.get(f"{url}/health/ready")).json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        assert "no models in" in ready.json()["reason"] and "python -m export" in ready.json()["reason"]
+        refused = httpx.post(f"{url}/classify/resnet18", content=jpeg())
+        assert refused.status_code == 503 and "not ready" in refused.json()["error"]
+
+
+def test_require_gpu_without_a_gpu_is_never_ready(exported_repo):
+    with running_server(wait_ready=False, models_dir=exported_repo, require_gpu=True) as (url, _):
+        deadline = time.monotonic() + 60
+        while (ready := httpx.get(f"{url}/health/ready")).json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.status_code == 503
+        assert "require_gpu" in ready.json()["reason"] and "CPUExecutionProvider" in ready.json()["reason"]
+
+
+def test_a_disconnected_client_leaves_the_queue(exported_repo):
+    with running_server(models_dir=exported_repo, max_batch_size=1) as (url, app):
+        served = app.state.archserve.models.get("resnet18")
+        data = jpeg()
+        request = (
+            f"POST /classify/resnet18 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode() + data
+
+        async def scenario():
+            busy = asyncio.ensure_future(_burst(url, 48, data))  # keep the single instance busy
+            await asyncio.sleep(0.2)
+            socks = []
+            for _ in range(4):
+                s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+                s.sendall(request)
+                socks.append(s)
+            await asyncio.sleep(0.2)
+            assert served.batcher.queue_depth > 8, "the engine must still be busy for this test to mean anything"
+            for s in socks:
+                s.close()  # gone before their turn
+            return await busy
+
+        responses = asyncio.run(scenario())
+        assert all(r.status_code == 200 for r in responses)
+        deadline = time.monotonic() + 30
+        while counter(url, "archserve_requests_total", code=499) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert counter(url, "archserve_requests_total", code=499) == 4
+        assert served.batcher.queue_depth == 0
+        # 48 served + 1 check below; the 4 abandoned images never reached the engine
+        assert httpx.post(f"{url}/classify/resnet18", content=data, timeout=60).status_code == 200
+        assert counter(url, "archserve_batch_size_sum") == 49
+
+
+def _start_service(repo, port: int, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCHSERVE_", "PROMETHEUS_"))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--models-dir", str(repo), "--log-level", "warning",
+         *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_metrics_from_every_worker_process_are_in_one_scrape(exported_repo):
+    port = free_port()
+    proc = _start_service(exported_repo, port, "--workers", "2")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(url, "/health/live", timeout=120)
+        # each worker loads its own sessions; wait until both answer ready
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all(httpx.get(f"{url}/health/ready").status_code == 200 for _ in range(6)):
+                break
+            time.sleep(0.2)
+        responses = asyncio.run(_burst(url, 20, jpeg()))
+        assert all(r.status_code == 200 for r in responses)
+        pids = set()
+        for _ in range(6):  # whichever worker answers the scrape, it reports all of them
+            assert counter(url, "archserve_requests_total", model="resnet18", code=200) == 20
+            assert counter(url, "archserve_images_total", model="resnet18") == 20
+        text = httpx.get(f"{url}/metrics").text
+        for family in text_string_to_metric_families(text):
+            if family.name == "archserve_model_info":
+                pids = {s.labels.get("pid") for s in family.samples}
+        assert len(pids) == 2, "model info should come from both worker processes"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_0(exported_repo):
+    port = free_port()
+    proc = _start_service(exported_repo, port, "--max-batch-size", "1")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(url, "/health/ready", timeout=120)
+
+        async def scenario():
+            work = asyncio.ensure_future(_burst(url, 10, jpeg()))
+            await asyncio.sleep(0.5)  # requests are in flight and queued
+            proc.send_signal(signal.SIGTERM)
+            return await work
+
+        responses = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [200] * 10
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
