@@ -15,10 +15,13 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ServiceError
-from .metrics import Metrics, multiprocess_dir
-from .routes import classify, health, models
+from .experiments.runtime import Experiments, served_check_from_plan
+from .metrics import ExperimentMetrics, Metrics, multiprocess_dir
+from .repository import plan_versions
+from .routes import classify, experiments, health, models
 from .settings import Settings
 from .state import AppState
+from .store.sqlite import SQLiteStore
 
 log = logging.getLogger("archserve")
 
@@ -30,6 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state: AppState = app.state.archserve
         loading = asyncio.create_task(state.load())  # live at once, ready once loaded
+        experiments.install_reload_signal(app)
         try:
             yield
         finally:
@@ -46,12 +50,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Each app gets its own registry unless metrics are shared across worker processes.
     registry = None if multiprocess_dir() else CollectorRegistry()
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+    experiment_set = Experiments(settings.experiments_file)
+    store = None
+    if settings.experiments_file is not None:
+        # A bad experiments file stops the server here, before it listens.
+        experiment_set.load(served_check_from_plan(plan_versions(settings)))
+        store = SQLiteStore(
+            settings.store_path, retention_days=settings.store_retention_days,
+            max_predictions=settings.store_max_predictions,
+        )
+    metric_args = (registry,) if registry is not None else ()
     app.state.archserve = AppState(
         settings=settings,
-        metrics=Metrics(registry) if registry is not None else Metrics(),
+        metrics=Metrics(*metric_args),
+        experiment_metrics=ExperimentMetrics(*metric_args),
+        experiments=experiment_set,
+        store=store,
         decode_pool=ThreadPoolExecutor(settings.decode_thread_count(), thread_name_prefix="decode"),
     )
     app.include_router(classify.router)
+    app.include_router(experiments.router)
     app.include_router(models.router)
     app.include_router(health.router)
     _install_error_handlers(app)

@@ -37,6 +37,7 @@ __all__ = [
     "BatchingError",
     "DeadlineExceededError",
     "QueueFullError",
+    "ShedError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ class BatchFailedError(BatchingError):
     """``run_batch`` raised, or broke its contract; ``__cause__`` holds the reason."""
 
 
+class ShedError(BatchingError):
+    """A low-priority item was dropped (or refused) because normal traffic was queueing."""
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """What one batch run looked like, for metrics.
@@ -90,6 +95,7 @@ class _Entry:
     future: asyncio.Future[Any]
     deadline: float | None
     enqueued_at: float
+    low: bool = False
     state: _State = _State.QUEUED
 
 
@@ -109,6 +115,13 @@ class Batcher(Generic[T, R]):
     Callbacks (``on_batch``, ``on_queue_depth``, ``on_expired``) run on the
     event loop and must be quick; an exception they raise is logged and ignored.
     ``on_expired`` counts requests whose deadline passed before they were run.
+
+    Low-priority items (``priority="low"``, e.g. shadow traffic) wait in a
+    second queue of ``max_low_queue_size``: a batch takes normal items first and
+    fills the rest with low ones. They are shed first: refused while at least
+    ``shed_depth`` normal items wait (default ``max_batch_size``), and dropped
+    from their queue when normal traffic reaches that depth (``on_shed`` counts
+    both); they never take a normal item's place.
     """
 
     def __init__(
@@ -123,11 +136,18 @@ class Batcher(Generic[T, R]):
         on_batch: Callable[[BatchStats], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         on_expired: Callable[[int], None] | None = None,
+        max_low_queue_size: int | None = None,
+        shed_depth: int | None = None,
+        on_shed: Callable[[int], None] | None = None,
     ) -> None:
         if not callable(run_batch):
             raise TypeError(f"run_batch must be callable, got {type(run_batch).__name__}")
         self._max_batch_size = _check_count("max_batch_size", max_batch_size, 1)
         self._max_queue_size = _check_count("max_queue_size", max_queue_size, 1)
+        self._max_low_queue_size = _check_count(
+            "max_low_queue_size", max_queue_size if max_low_queue_size is None else max_low_queue_size, 0
+        )
+        self._shed_depth = _check_count("shed_depth", max_batch_size if shed_depth is None else shed_depth, 1)
         self._instances = _check_count("instances", instances, 1)
         if isinstance(max_queue_delay_ms, bool) or not isinstance(max_queue_delay_ms, (int, float)):
             raise TypeError(f"max_queue_delay_ms must be a number, got {type(max_queue_delay_ms).__name__}")
@@ -135,7 +155,10 @@ class Batcher(Generic[T, R]):
             raise ValueError(
                 f"max_queue_delay_ms must be a finite number >= 0 (0 disables the delay), got {max_queue_delay_ms}"
             )
-        for label, callback in (("on_batch", on_batch), ("on_queue_depth", on_queue_depth), ("on_expired", on_expired)):
+        for label, callback in (
+            ("on_batch", on_batch), ("on_queue_depth", on_queue_depth), ("on_expired", on_expired),
+            ("on_shed", on_shed),
+        ):
             if callback is not None and not callable(callback):
                 raise TypeError(f"{label} must be callable or None, got {type(callback).__name__}")
 
@@ -146,8 +169,10 @@ class Batcher(Generic[T, R]):
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
         self._on_expired = on_expired
+        self._on_shed = on_shed
 
         self._queue: deque[_Entry] = deque()
+        self._low: deque[_Entry] = deque()
         self._reported_depth = 0
         self._in_flight = 0
         self._started = False
@@ -165,8 +190,13 @@ class Batcher(Generic[T, R]):
 
     @property
     def queue_depth(self) -> int:
-        """Items admitted and waiting for dispatch."""
-        return len(self._queue)
+        """Items admitted and waiting for dispatch, both priorities."""
+        return len(self._queue) + len(self._low)
+
+    @property
+    def low_queue_depth(self) -> int:
+        """Low-priority items waiting for dispatch."""
+        return len(self._low)
 
     @property
     def in_flight(self) -> int:
@@ -190,23 +220,25 @@ class Batcher(Generic[T, R]):
         ]
         self._started = True
 
-    async def submit(self, item: T, *, deadline: float | None = None) -> R:
+    async def submit(self, item: T, *, deadline: float | None = None, priority: str = "normal") -> R:
         """Queue one item and return its output.
 
         ``deadline`` is an absolute ``time.monotonic()`` value. Raises
         ``QueueFullError``, ``DeadlineExceededError``, ``BatcherClosedError``
-        or ``BatchFailedError``.
+        or ``BatchFailedError``; low-priority items may also raise ``ShedError``.
         """
-        entries = self._admit([item], deadline)
+        entries = self._admit([item], deadline, priority)
         return (await self._wait(entries, deadline))[0]
 
-    async def submit_many(self, items: list[T], *, deadline: float | None = None) -> list[R]:
+    async def submit_many(
+        self, items: list[T], *, deadline: float | None = None, priority: str = "normal"
+    ) -> list[R]:
         """Queue several items (each on its own; they may land in different batches).
 
         Admission is all or nothing. Outputs come back in order; if one item
         fails, the others are cancelled and its error is raised.
         """
-        entries = self._admit(list(items), deadline)
+        entries = self._admit(list(items), deadline, priority)
         if not entries:
             return []
         return await self._wait(entries, deadline)
@@ -248,7 +280,9 @@ class Batcher(Generic[T, R]):
         self._fail_queued("the batcher was closed before this request was run")
         self._executor.shutdown(wait=not self._abandoned_threads, cancel_futures=True)
 
-    def _admit(self, items: list[Any], deadline: float | None) -> list[_Entry]:
+    def _admit(self, items: list[Any], deadline: float | None, priority: str = "normal") -> list[_Entry]:
+        if priority not in ("normal", "low"):
+            raise ValueError(f"priority must be 'normal' or 'low', got {priority!r}")
         if not self._started:
             raise RuntimeError(f"{self._label} is not started: await start() before submitting")
         if self._closing:
@@ -259,6 +293,8 @@ class Batcher(Generic[T, R]):
         if deadline is not None and deadline <= now:
             self._notify(self._on_expired, len(items), "on_expired")
             raise DeadlineExceededError(f"{self._label}: the deadline had passed before the request was queued")
+        if priority == "low":
+            return self._admit_low(items, deadline, now)
         if len(items) > self._max_queue_size:
             raise QueueFullError(
                 f"{self._label}: {len(items)} items can never fit a queue of max_queue_size={self._max_queue_size}"
@@ -273,9 +309,34 @@ class Batcher(Generic[T, R]):
         assert self._loop is not None and self._available is not None
         entries = [_Entry(item, self._loop.create_future(), deadline, now) for item in items]
         self._queue.extend(entries)
+        if len(self._queue) >= self._shed_depth:
+            self._shed_low("normal traffic is queueing")
         self._depth_changed()
         self._available.set()
         return entries
+
+    def _admit_low(self, items: list[Any], deadline: float | None, now: float) -> list[_Entry]:
+        if len(self._queue) >= self._shed_depth or len(self._low) + len(items) > self._max_low_queue_size:
+            self._notify(self._on_shed, len(items), "on_shed")
+            raise ShedError(
+                f"{self._label}: low-priority work shed ({len(self._queue)} normal and {len(self._low)} "
+                f"low-priority items waiting)"
+            )
+        assert self._loop is not None and self._available is not None
+        entries = [_Entry(item, self._loop.create_future(), deadline, now, low=True) for item in items]
+        self._low.extend(entries)
+        self._depth_changed()
+        self._available.set()
+        return entries
+
+    def _shed_low(self, reason: str) -> None:
+        if not self._low:
+            return
+        shed = list(self._low)
+        self._low.clear()
+        for entry in shed:
+            self._fail(entry, ShedError(f"{self._label}: low-priority work shed: {reason}"))
+        self._notify(self._on_shed, len(shed), "on_shed")
 
     async def _wait(self, entries: list[_Entry], deadline: float | None) -> list[Any]:
         futures = [e.future for e in entries]
@@ -308,33 +369,34 @@ class Batcher(Generic[T, R]):
                 entry.future.exception()
         if not removed:
             return
-        if removed == 1 and len(entries) == 1:
-            self._queue.remove(entries[0])
-        else:
-            kept = [e for e in self._queue if e.state is _State.QUEUED]
-            self._queue.clear()
-            self._queue.extend(kept)
+        self._drop_finished()
         self._depth_changed()
         if expired:
             self._notify(self._on_expired, removed, "on_expired")
 
     def _expire_queued(self, now: float) -> None:
-        expired = [e for e in self._queue if e.deadline is not None and e.deadline <= now]
+        expired = [e for q in (self._queue, self._low) for e in q if e.deadline is not None and e.deadline <= now]
         if not expired:
             return
         for entry in expired:
             self._fail(entry, self._expired_error())
-        kept = [e for e in self._queue if e.state is _State.QUEUED]
-        self._queue.clear()
-        self._queue.extend(kept)
+        self._drop_finished()
         self._depth_changed()
         self._notify(self._on_expired, len(expired), "on_expired")
 
+    def _drop_finished(self) -> None:
+        for queue in (self._queue, self._low):
+            kept = [e for e in queue if e.state is _State.QUEUED]
+            if len(kept) != len(queue):
+                queue.clear()
+                queue.extend(kept)
+
     def _fail_queued(self, reason: str) -> None:
-        if not self._queue:
+        if not self._queue and not self._low:
             return
-        entries = list(self._queue)
+        entries = list(self._queue) + list(self._low)
         self._queue.clear()
+        self._low.clear()
         for entry in entries:
             self._fail(entry, BatcherClosedError(f"{self._label}: {reason}"))
         self._depth_changed()
@@ -351,16 +413,17 @@ class Batcher(Generic[T, R]):
         now = time.monotonic()
         batch: list[_Entry] = []
         expired = 0
-        while self._queue and len(batch) < self._max_batch_size:
-            entry = self._queue.popleft()
-            if entry.future.done():
-                entry.state = _State.DONE
-            elif entry.deadline is not None and entry.deadline <= now:
-                self._fail(entry, self._expired_error())
-                expired += 1
-            else:
-                entry.state = _State.RUNNING
-                batch.append(entry)
+        for queue in (self._queue, self._low):  # normal items first
+            while queue and len(batch) < self._max_batch_size:
+                entry = queue.popleft()
+                if entry.future.done():
+                    entry.state = _State.DONE
+                elif entry.deadline is not None and entry.deadline <= now:
+                    self._fail(entry, self._expired_error())
+                    expired += 1
+                else:
+                    entry.state = _State.RUNNING
+                    batch.append(entry)
         self._depth_changed()
         if expired:
             self._notify(self._on_expired, expired, "on_expired")
@@ -370,7 +433,7 @@ class Batcher(Generic[T, R]):
         assert self._available is not None and self._collect_lock is not None
         async with self._collect_lock:
             while True:
-                while not self._queue:
+                while not self._queue and not self._low:
                     if self._closing:
                         return None
                     self._available.clear()
@@ -383,8 +446,9 @@ class Batcher(Generic[T, R]):
 
     async def _gather_more(self) -> None:
         assert self._available is not None
-        while self._queue and len(self._queue) < self._max_batch_size and not self._closing:
-            remaining = self._queue[0].enqueued_at + self._max_queue_delay_s - time.monotonic()
+        while self.queue_depth and self.queue_depth < self._max_batch_size and not self._closing:
+            oldest = min(q[0].enqueued_at for q in (self._queue, self._low) if q)
+            remaining = oldest + self._max_queue_delay_s - time.monotonic()
             if remaining <= 0:
                 return
             self._available.clear()
@@ -461,7 +525,7 @@ class Batcher(Generic[T, R]):
         return None
 
     def _depth_changed(self) -> None:
-        depth = len(self._queue)
+        depth = self.queue_depth
         if depth != self._reported_depth:
             self._reported_depth = depth
             self._notify(self._on_queue_depth, depth, "on_queue_depth")

@@ -25,6 +25,9 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _preload_lock = threading.Lock()
 _preloaded = False
+# Set once a session asked for CUDA and got the CPU: later models skip the
+# failing (and loudly logged) CUDA attempt.
+_cuda_failed_reason: str | None = None
 
 
 class ModelLoadError(RuntimeError):
@@ -78,7 +81,8 @@ class OnnxEngine:
         self.manifest = manifest
         self.input_name = manifest.input.name
         self.output_name = manifest.output.name
-        want_cuda = config.device in ("auto", "cuda") and cuda_available()
+        global _cuda_failed_reason
+        want_cuda = config.device in ("auto", "cuda") and cuda_available() and _cuda_failed_reason is None
         if want_cuda:
             _preload_cuda_libraries()
         precision = "fp16" if want_cuda and "fp16" in manifest.files else "fp32"
@@ -86,13 +90,14 @@ class OnnxEngine:
             precision = next(iter(manifest.files))
         self.session = self._open(version_dir / manifest.files[precision].path, want_cuda, config)
         self.provider = self.session.get_providers()[0]
-        if want_cuda and self.provider != CUDA and precision == "fp16" and "fp32" in manifest.files:
-            log.warning("%s: CUDA provider did not load; using the CPU provider with the fp32 file", version_dir)
-            precision = "fp32"
-            self.session = self._open(version_dir / manifest.files[precision].path, False, config)
-            self.provider = self.session.get_providers()[0]
+        if want_cuda and self.provider != CUDA:
+            _cuda_failed_reason = "the CUDA provider did not load (no GPU, or CUDA/cuDNN libraries missing)"
+            log.warning("%s: %s; running on the CPU provider", version_dir, _cuda_failed_reason)
+            if precision == "fp16" and "fp32" in manifest.files:
+                precision = "fp32"
+                self.session = self._open(version_dir / manifest.files[precision].path, False, config)
+                self.provider = self.session.get_providers()[0]
         self.precision = precision
-        self.cuda_requested = config.device == "cuda" or want_cuda
 
     @staticmethod
     def _open(entry: Path, cuda: bool, config: EngineConfig) -> ort.InferenceSession:

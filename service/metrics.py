@@ -109,3 +109,60 @@ def exposition(registry: CollectorRegistry = DEFAULT_REGISTRY) -> tuple[bytes, s
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged), CONTENT_TYPE_LATEST
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+EXPERIMENT_LABELS = ("experiment", "variant")
+CONFIDENCE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+OVERLAP_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+DIFFERENCE_BUCKETS = (-2.5, -1.0, -0.5, -0.25, -0.1, -0.05, -0.025, -0.01, -0.005, 0.0,
+                      0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ExperimentMetrics:
+    """Per experiment and variant; label values come only from the experiments file."""
+
+    def __init__(self, registry: CollectorRegistry = DEFAULT_REGISTRY) -> None:
+        self.requests = Counter(
+            "archserve_experiment_requests", "Requests to an experiment by the variant that served them and status.",
+            EXPERIMENT_LABELS + ("code",), registry=registry,
+        )
+        self.latency = Histogram(
+            "archserve_experiment_request_duration_seconds",
+            "End-to-end request time by experiment variant.",
+            EXPERIMENT_LABELS, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.confidence = Histogram(
+            "archserve_experiment_confidence", "Top-1 softmax probability of each image, by variant.",
+            EXPERIMENT_LABELS, buckets=CONFIDENCE_BUCKETS, registry=registry,
+        )
+        self.shadow_images = Counter(
+            "archserve_shadow_images", "Images sent to a shadow variant, by outcome (done, shed, failed).",
+            EXPERIMENT_LABELS + ("outcome",), registry=registry,
+        )
+        self.shadow_agreement = Counter(
+            "archserve_shadow_top1_agreement",
+            "Shadow runs whose top-1 class agreed (agree=true) or not with the primary's on the same image.",
+            EXPERIMENT_LABELS + ("agree",), registry=registry,
+        )
+        self.shadow_overlap = Histogram(
+            "archserve_shadow_top5_overlap", "Share of the primary's top-5 classes also in the shadow's top-5.",
+            EXPERIMENT_LABELS, buckets=OVERLAP_BUCKETS, registry=registry,
+        )
+        self.shadow_latency_difference = Histogram(
+            "archserve_shadow_latency_difference_seconds",
+            "Shadow minus primary model latency (queue + inference) on the same image.",
+            EXPERIMENT_LABELS, buckets=DIFFERENCE_BUCKETS, registry=registry,
+        )
+        self.feedback = Counter(
+            "archserve_feedback", "Images that received a true label, by the variant that served them.",
+            EXPERIMENT_LABELS, registry=registry,
+        )
+        self.feedback_correct = Counter(
+            "archserve_feedback_correct",
+            "Labelled images whose true class was in the variant's top-k (k=1 or 5).",
+            EXPERIMENT_LABELS + ("k",), registry=registry,
+        )
+        self.store_errors = Counter(
+            "archserve_store_errors", "Prediction-log writes that failed (the request was still answered).",
+            registry=registry,
+        )

@@ -110,6 +110,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """Decode, orient, resize and crop one image: ``[crop, crop, 3]`` uint8."""
+    return decode_for(data, spec)[0]
+
+
+def decode_for(data: bytes, spec: PreprocessSpec, *others: PreprocessSpec) -> list[np.ndarray]:
+    """Decode once; resize and crop for ``spec`` and then for each of ``others``.
+
+    The first array is exactly what ``decode_image(data, spec)`` gives: JPEG
+    draft scaling is chosen for ``spec`` alone, so extra consumers (shadow
+    models) never change the primary's input. Arrays for equal specs are shared.
+    """
     if not data:
         raise InvalidImageError("the image is empty; send the image file's bytes")
     unsupported = _sniff_unsupported(data)
@@ -131,13 +141,21 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
             img.draft("RGB", _shorter_side_size(width, height, spec.resize))
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
-        img = img.resize(_shorter_side_size(*img.size, spec.resize), RESAMPLE[spec.interpolation])
-        img = img.crop(_centre_crop_box(*img.size, spec.crop))
-        return np.asarray(img, dtype=np.uint8)
+        arrays: dict[tuple, np.ndarray] = {}
+        out = []
+        for target in (spec, *others):
+            key = (target.resize, target.crop, target.interpolation)
+            if key not in arrays:
+                resized = img.resize(_shorter_side_size(*img.size, target.resize), RESAMPLE[target.interpolation])
+                arrays[key] = np.asarray(resized.crop(_centre_crop_box(*resized.size, target.crop)), dtype=np.uint8)
+            out.append(arrays[key])
+        return out
     except (ImageTooLargeError, InvalidImageError):
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise ImageTooLargeError(f"the image is too large to decode safely: {exc}") from exc
+        raise ImageTooLargeError(
+            f"the image is over the limit of {spec.max_pixels} pixels ({exc}); downscale it before sending"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise InvalidImageError(
             f"the body is not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"

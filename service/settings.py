@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -47,6 +47,16 @@ class Settings(BaseSettings):
     decode_threads: int = Field(0, ge=0, description="Image decoding threads; 0 = one per core.")
     warmup: bool = True
     graceful_shutdown_s: float = Field(30.0, ge=0)
+
+    # A/B experiments and their store
+    experiments_file: Path | None = Field(None, description="YAML file of experiments; none: no experiments.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for admin endpoints (reload); unset disables them."
+    )
+    store_path: Path = Field(Path("data/experiments.sqlite3"), description="SQLite file of the prediction log.")
+    store_retention_days: float = Field(30.0, gt=0)
+    store_max_predictions: int = Field(1_000_000, ge=1000)
+    shadow_timeout_s: float = Field(30.0, gt=0, description="A shadow run not finished by then is dropped.")
     log_level: str = "info"
 
     @field_validator("models", mode="before")

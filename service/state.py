@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 from .engine import CUDA, ModelLoadError
 from .errors import ServiceUnavailableError
-from .metrics import Metrics
+from .experiments.runtime import Experiments, served_check_from_table
+from .metrics import ExperimentMetrics, Metrics
 from .repository import ModelTable, ServedModel, load_model, plan_versions
 from .settings import Settings
+from .store.base import ExperimentStore
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,11 @@ class AppState:
     settings: Settings
     metrics: Metrics
     decode_pool: ThreadPoolExecutor
+    experiment_metrics: ExperimentMetrics
+    experiments: Experiments
+    store: ExperimentStore | None = None
     models: ModelTable = field(default_factory=ModelTable)
+    background: set = field(default_factory=set)
     ready: bool = False
     shutting_down: bool = False
     status: str = "loading"
@@ -52,7 +58,14 @@ class AppState:
             self.metrics.ready.set(0)
             log.exception("model loading failed")
             return
-        self.models = ModelTable(loaded)
+        table = ModelTable(loaded)
+        try:
+            self.experiments.load(served_check_from_table(table))
+        except Exception as exc:
+            self.status, self.reason = "failed", str(exc)
+            log.error("not ready: %s", exc)
+            return
+        self.models = table
         self.loaded_in_s = time.monotonic() - started
         self.ready, self.status, self.reason = True, "ready", ""
         self.metrics.ready.set(1)
@@ -75,9 +88,19 @@ class AppState:
             loaded.append(model)
         return loaded
 
+    def spawn(self, coro) -> None:
+        """Run background work (shadow runs) that shutdown waits for."""
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
     async def close(self) -> None:
         self.ready, self.shutting_down = False, True
         self.metrics.ready.set(0)
         for model in self.models:
             await model.batcher.close(drain=True, timeout=self.settings.graceful_shutdown_s)
+        if self.background:
+            await asyncio.wait(set(self.background), timeout=5)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()

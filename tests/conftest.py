@@ -15,3 +15,17 @@ def exported_repo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models")
     export_model("resnet18", ExportOptions(out=out, seed=0))
     return out
+
+
+@pytest.fixture(scope="session")
+def experiment_repo(exported_repo, tmp_path_factory) -> Path:
+    """resnet18 (as above), googlenet and inception_v3 (299x299 input): three architectures to compare."""
+    import shutil
+
+    from export.pipeline import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("experiment-models")
+    shutil.copytree(exported_repo / "resnet18", out / "resnet18")
+    for name in ("googlenet", "inception_v3"):
+        export_model(name, ExportOptions(out=out, seed=0, precisions=("fp32",), calibrate=False))
+    return out

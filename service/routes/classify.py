@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -16,15 +17,20 @@ from ..errors import (
     BadRequestError,
     DeadlineExceededError,
     InferenceError,
+    NotFoundError,
     QueueFullError,
     ServiceError,
     ServiceUnavailableError,
 )
 from ..metrics import UNKNOWN_MODEL
 from ..postprocess import top_k
-from ..preprocess import ALLOWED_MEDIA_TYPES, decode_image
+from ..experiments.config import Experiment, Variant
+from ..experiments.routing import choose_variant
+from ..experiments.runtime import predictions_of, record, run_shadow
+from ..preprocess import ALLOWED_MEDIA_TYPES, decode_for
 from ..repository import ServedModel
 from ..state import AppState
+from ..store.records import PredictionRecord
 
 router = APIRouter(tags=["classify"])
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -44,11 +50,10 @@ _BODY_DOC = {
 }
 
 
-def request_id_of(request: Request) -> str:
+def client_request_id(request: Request) -> str | None:
+    """The caller's own X-Request-ID, echoed for tracing (ours stays unique: feedback keys on it)."""
     given = request.headers.get("x-request-id")
-    if given and _REQUEST_ID.match(given):
-        return given
-    return uuid.uuid4().hex
+    return given if given and _REQUEST_ID.match(given) else None
 
 
 @router.post("/classify/{model}", openapi_extra=_BODY_DOC, summary="Classify images with the latest served version")
@@ -68,27 +73,35 @@ async def classify_version(
 async def _classify(request: Request, name: str, version: int | None, k: int) -> JSONResponse:
     state: AppState = request.app.state.archserve
     arrived = time.monotonic()
-    request_id = request_id_of(request)
+    request_id = uuid.uuid4().hex
+    client_id = client_request_id(request)
     model_label, version_label = UNKNOWN_MODEL, ""
     code = 500
     in_flight = None
+    route: Route | None = None
     try:
         state.require_ready()
-        served = state.models.get(name, version)
+        route = _route(request, state, name, version)
+        served = route.served
         model_label, version_label = served.name, str(served.version)
         in_flight = state.metrics.in_flight.labels(model_label, version_label)
         in_flight.inc()
         deadline = arrived + state.settings.request_timeout_s
         settings = state.settings
         parts = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
-        body = await _until_disconnected(request, _serve(state, served, parts, k, deadline))
+        body = await _until_disconnected(request, _serve(state, route, parts, k, deadline, request_id))
         body["request_id"] = request_id
+        if client_id is not None:
+            body["client_request_id"] = client_id
         code = 200
         state.metrics.images.labels(model_label, version_label).inc(len(body["results"]))
-        return JSONResponse(body, headers={"X-Request-ID": request_id})
+        headers = {"X-Request-ID": client_id or request_id}
+        if route.experiment is not None:
+            headers["X-Variant"] = route.variant.name
+        return JSONResponse(body, headers=headers)
     except ServiceError as exc:
         code = exc.status_code
-        exc.headers.setdefault("X-Request-ID", request_id)
+        exc.headers.setdefault("X-Request-ID", client_id or request_id)
         raise
     except ClientGone:
         code = 499  # nginx's code for it; nothing of the request is left in the queue
@@ -96,12 +109,46 @@ async def _classify(request: Request, name: str, version: int | None, k: int) ->
     finally:
         if in_flight is not None:
             in_flight.dec()
+        elapsed = time.monotonic() - arrived
         state.metrics.requests.labels(model_label, version_label, str(code)).inc()
-        state.metrics.request_latency.labels(model_label, version_label).observe(time.monotonic() - arrived)
+        state.metrics.request_latency.labels(model_label, version_label).observe(elapsed)
+        if route is not None and route.experiment is not None:
+            labels = (route.experiment.name, route.variant.name)
+            state.experiment_metrics.requests.labels(*labels, str(code)).inc()
+            state.experiment_metrics.latency.labels(*labels).observe(elapsed)
 
 
-async def _serve(state: AppState, served: ServedModel, parts: list[ImagePart], k: int, deadline: float) -> dict:
+@dataclass(frozen=True)
+class Route:
+    served: ServedModel
+    experiment: Experiment | None = None
+    variant: Variant | None = None
+    shadows: tuple[tuple[Variant, ServedModel], ...] = ()
+
+
+def _route(request: Request, state: AppState, name: str, version: int | None) -> Route:
+    """A model, or an experiment's variant (sticky by header, else weighted random) and its shadows."""
+    experiment = state.experiments.get(name)
+    if experiment is None:
+        return Route(state.models.get(name, version))
+    if version is not None:
+        raise NotFoundError(f"{name!r} is an experiment, which has no versions; POST /classify/{name}")
+    key = request.headers.get(experiment.sticky_key) if experiment.sticky_key else None
+    variant = choose_variant(experiment, key)
+    shadows = []
+    for shadow in experiment.shadows:
+        try:
+            shadows.append((shadow, state.models.get(shadow.model, shadow.version)))
+        except NotFoundError:
+            continue  # unloaded since the experiments were validated: the primary still serves
+    return Route(state.models.get(variant.model, variant.version), experiment, variant, tuple(shadows))
+
+
+async def _serve(
+    state: AppState, route: Route, parts: list[ImagePart], k: int, deadline: float, request_id: str
+) -> dict:
     settings = state.settings
+    served = route.served
     if len(parts) > settings.max_images_per_request:
         raise BadRequestError(
             f"{len(parts)} images in one request, over the limit of {settings.max_images_per_request}; split it"
@@ -111,19 +158,23 @@ async def _serve(state: AppState, served: ServedModel, parts: list[ImagePart], k
     loop = asyncio.get_running_loop()
     preprocess_hist = state.metrics.preprocess_latency.labels(served.name, str(served.version))
 
+    shadow_specs = [model.preprocess for _, model in route.shadows]
+
     def decode(data: bytes):
         started = time.monotonic()
         try:
-            return decode_image(data, served.preprocess)
+            return decode_for(data, served.preprocess, *shadow_specs)  # decoded once for all consumers
         finally:
             preprocess_hist.observe(time.monotonic() - started)
 
-    arrays = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, decode, p.data) for p in parts))
+    decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, decode, p.data) for p in parts))
+    arrays = [d[0] for d in decoded]
     if time.monotonic() > deadline:
         raise DeadlineExceededError(
             f"the request's deadline of {settings.request_timeout_s:g}s passed while decoding; "
             "retry, or send smaller images"
         )
+    submitted = time.monotonic()
     try:
         logits = await served.batcher.submit_many(list(arrays), deadline=deadline)
     except batching.QueueFullError as exc:
@@ -140,18 +191,44 @@ async def _serve(state: AppState, served: ServedModel, parts: list[ImagePart], k
         raise ServiceUnavailableError("the model is shutting down; retry on another replica") from exc
     except batching.BatchFailedError as exc:
         raise InferenceError(f"inference failed for {served.name} v{served.version}: {exc.__cause__ or exc}") from exc
+    model_latency = time.monotonic() - submitted
     results = []
     for part, row in zip(parts, logits):
         result = {"predictions": top_k(row, served.labels, k)}
         if part.filename is not None:
             result["filename"] = part.filename
         results.append(result)
-    return {
+    body = {
         "model": served.name,
         "version": served.version,
         "weights": served.manifest.weights.source,
         "results": results,
     }
+    if route.experiment is not None:
+        body = {"experiment": route.experiment.name, "variant": route.variant.name, **body}
+        await _log_experiment(state, route, request_id, logits, model_latency, decoded)
+    return body
+
+
+async def _log_experiment(state: AppState, route: Route, request_id: str, logits, latency: float, decoded) -> None:
+    """Log the primary predictions (before answering, so feedback can find them), then start the shadows."""
+    now = time.time()
+    primaries = []
+    for index, row in enumerate(logits):
+        top5, scores = predictions_of(row, route.served.labels)
+        state.experiment_metrics.confidence.labels(route.experiment.name, route.variant.name).observe(scores[0])
+        primaries.append(PredictionRecord(
+            request_id=request_id, image_index=index, experiment=route.experiment.name, variant=route.variant.name,
+            role="primary", model=route.served.name, version=route.served.version, top5=top5, top5_scores=scores,
+            latency_s=latency, created_at=now,
+        ))
+    await record(state.store, state.experiment_metrics, primaries)
+    for position, (shadow, model) in enumerate(route.shadows, start=1):
+        state.spawn(run_shadow(
+            store=state.store, metrics=state.experiment_metrics, experiments=state.experiments,
+            experiment=route.experiment, shadow=shadow, served=model, request_id=request_id,
+            arrays=[d[position] for d in decoded], primaries=primaries, timeout_s=state.settings.shadow_timeout_s,
+        ))
 
 
 class ClientGone(Exception):

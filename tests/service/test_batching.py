@@ -465,3 +465,70 @@ async def test_submit_before_start_is_an_error():
 def test_errors_share_a_base_class():
     for error in (QueueFullError, DeadlineExceededError, BatcherClosedError, BatchFailedError):
         assert issubclass(error, BatchingError)
+
+
+# --- low-priority (shadow) traffic ---------------------------------------------------------
+
+from service.batching import ShedError  # noqa: E402
+
+
+async def test_low_priority_items_fill_batches_after_normal_ones():
+    engine = FakeEngine()
+    async with running(engine, max_batch_size=4, shed_depth=10) as batcher:
+        held = await hold_engine(batcher, engine)
+        low = [asyncio.ensure_future(batcher.submit(100 + i, priority="low")) for i in range(3)]
+        normal = spawn(batcher, range(2))
+        await eventually(lambda: batcher.queue_depth == 5)
+        assert batcher.low_queue_depth == 3
+        engine.gate.set()
+        assert await asyncio.gather(*normal) == [0, 2]
+        assert await asyncio.gather(*low) == [200, 202, 204]
+        await held
+    assert engine.batches[1] == [0, 1, 100, 101], "normal first, low-priority fills the rest"
+
+
+async def test_low_priority_is_refused_while_normal_traffic_queues():
+    engine = FakeEngine()
+    shed: list[int] = []
+    async with running(engine, max_batch_size=4, shed_depth=2, on_shed=shed.append) as batcher:
+        held = await hold_engine(batcher, engine)
+        normal = spawn(batcher, range(2))
+        await eventually(lambda: batcher.queue_depth == 2)
+        with pytest.raises(ShedError, match="shed"):
+            await batcher.submit(7, priority="low")
+        engine.gate.set()
+        await asyncio.gather(*normal, held)
+    assert shed == [1]
+    assert 7 not in engine.seen
+
+
+async def test_queued_low_priority_items_are_shed_when_normal_traffic_arrives():
+    engine = FakeEngine()
+    shed: list[int] = []
+    async with running(engine, max_batch_size=4, shed_depth=3, on_shed=shed.append) as batcher:
+        held = await hold_engine(batcher, engine)
+        low = [asyncio.ensure_future(batcher.submit(100 + i, priority="low")) for i in range(2)]
+        await eventually(lambda: batcher.low_queue_depth == 2)
+        normal = spawn(batcher, range(3))  # reaches shed_depth: the queued shadows go
+        results = await asyncio.gather(*low, return_exceptions=True)
+        assert all(isinstance(r, ShedError) for r in results)
+        engine.gate.set()
+        assert await asyncio.gather(*normal) == [0, 2, 4]
+        await held
+    assert shed == [2]
+    assert not {100, 101} & set(engine.seen)
+
+
+async def test_low_priority_never_takes_room_from_normal_admission():
+    engine = FakeEngine()
+    async with running(engine, max_batch_size=4, max_queue_size=2, max_low_queue_size=5, shed_depth=3) as batcher:
+        held = await hold_engine(batcher, engine)
+        low = [asyncio.ensure_future(batcher.submit(100 + i, priority="low")) for i in range(5)]
+        await eventually(lambda: batcher.low_queue_depth == 5)
+        normal = spawn(batcher, range(2))  # the normal queue still has its full capacity
+        with pytest.raises(ShedError):
+            await batcher.submit(200, priority="low")  # the low queue is full
+        engine.gate.set()
+        assert await asyncio.gather(*normal) == [0, 2]
+        assert len(await asyncio.gather(*low)) == 5
+        await held

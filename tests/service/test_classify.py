@@ -82,9 +82,11 @@ def test_multipart_images_come_back_in_order(url, exported_repo):
         assert result["predictions"][0]["index"] == reference_top_k(exported_repo, data, 1)[0][0]
 
 
-def test_client_request_id_is_kept(url):
-    response = httpx.post(f"{url}/classify/resnet18", content=jpeg(), headers={"X-Request-ID": "abc-123"})
-    assert response.json()["request_id"] == "abc-123" and response.headers["X-Request-ID"] == "abc-123"
+def test_client_request_id_is_echoed_but_ours_stays_unique(url):
+    first = httpx.post(f"{url}/classify/resnet18", content=jpeg(), headers={"X-Request-ID": "abc-123"})
+    second = httpx.post(f"{url}/classify/resnet18", content=jpeg(), headers={"X-Request-ID": "abc-123"})
+    assert first.json()["client_request_id"] == "abc-123" and first.headers["X-Request-ID"] == "abc-123"
+    assert first.json()["request_id"] != second.json()["request_id"]
 
 
 def test_concurrent_requests_are_batched(url):

@@ -1,0 +1,488 @@
+"""``make bench``: engine-only, archserve end-to-end and the naive server, per model, in one go.
+
+For each model (default resnet50 then resnet18):
+
+1. engine only (``bench.engine`` in a subprocess): img/s and ms per batch at
+   each batch size, the ceiling;
+2. archserve (``python -m service``) on a free loopback port, closed loop with
+   1 client and with 16 clients (``bench.loadgen``);
+3. the naive server (``bench.naive_server``), the same two loads.
+
+Only one server runs at a time; each is stopped with SIGTERM (killed if it has
+not exited after a timeout). The models are exported into ``--models-dir``
+first if missing. Everything is written to ``bench/results/<date>-<host>.json``
+and summarised as markdown tables with the targets' pass/fail.
+
+    python -m bench.run                 # ~20 s per load point (about 6 minutes in all on 2 cores)
+    python -m bench.run --quick         # a ~2 minute smoke run
+    python -m bench.run --duration 30 --models resnet50 --server-arg=--max-queue-delay-ms=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import loadgen
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+# Targets: archserve end-to-end against the engine alone and against the naive server.
+E2E_OF_RAW = {"resnet50": 0.90, "resnet18": 0.80}
+E2E_OF_RAW_DEFAULT = 0.80
+P50_OVER_RAW_MS = 5.0
+NAIVE_P50_REL, NAIVE_P50_ABS_MS = 0.10, 2.0
+
+
+# ---------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def machine_info() -> dict:
+    import onnxruntime as ort
+
+    return {
+        "host": socket.gethostname(),
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "onnxruntime": ort.__version__,
+        "onnxruntime_providers_available": ort.get_available_providers(),
+        "loadavg_start": os.getloadavg(),
+        **{"git_" + k: v for k, v in git_state().items()},
+    }
+
+
+class CpuMeter:
+    """CPU cores used over an interval: the whole machine, one process, and this process."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        values = [int(v) for v in fields]
+        idle = values[3] + values[4]
+        busy = sum(values[:8]) - idle
+        proc = 0.0
+        if self.pid:
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                proc = (int(stat[11]) + int(stat[12])) / tick  # utime + stime
+        t = os.times()
+        me = t.user + t.system + t.children_user + t.children_system  # this process and reaped children
+        return time.monotonic(), busy / tick, proc, me
+
+    def stop(self) -> dict:
+        t1, busy1, proc1, me1 = self._sample()
+        t0, busy0, proc0, me0 = self.start
+        wall = max(t1 - t0, 1e-9)
+        machine, server, bench = (busy1 - busy0) / wall, (proc1 - proc0) / wall, (me1 - me0) / wall
+        return {"machine_cores": round(machine, 2), "server_cores": round(server, 2), "loadgen_cores": round(bench, 2),
+                "other_cores": round(max(0.0, machine - server - bench), 2), "wall_s": round(wall, 1)}
+
+
+def machine_busy_cores(seconds: float = 1.0) -> float:
+    """Cores busy on the whole machine over ``seconds`` (from /proc/stat)."""
+    meter = CpuMeter(None)
+    time.sleep(seconds)
+    return meter.stop()["machine_cores"]
+
+
+def settle(max_wait_s: float, quiet_cores: float = 0.3) -> dict:
+    """Wait (at most ``max_wait_s``) until other work on the machine uses under ``quiet_cores``.
+
+    Runs between steps, when nothing of ours is running, so what is busy is
+    someone else. Returns what it saw; the step runs anyway after the wait.
+    """
+    started = time.monotonic()
+    busy = machine_busy_cores(1.0)
+    while busy >= quiet_cores and time.monotonic() - started < max_wait_s:
+        busy = machine_busy_cores(2.0)
+    waited = time.monotonic() - started
+    if busy >= quiet_cores:
+        print(f"  note: the machine is busy with other work ({busy:.2f} cores) after waiting {waited:.0f}s; "
+              "figures from this step are noisy", flush=True)
+    return {"other_cores_before": round(busy, 2), "waited_s": round(waited, 1)}
+
+
+# ---------------------------------------------------------------------------- models and servers
+
+
+def ensure_models(models_dir: Path, names: list[str]) -> None:
+    from modelrepo.layout import list_versions
+
+    missing = [n for n in names if not list_versions(models_dir / n)]
+    if not missing:
+        return
+    print(f"exporting {', '.join(missing)} into {models_dir}/ (about 30 s a model)", flush=True)
+    subprocess.run([PY, "-m", "export", "--models", ",".join(missing), "--out", str(models_dir)], cwd=ROOT,
+                   check=True, timeout=1800)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess on a loopback port: started, waited for, stopped (SIGTERM, then kill)."""
+
+    def __init__(self, label: str, argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None):
+        self.label, self.argv, self.port, self.log_path = label, argv, port, log_path
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> "Server":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> float:
+        started = time.monotonic()
+        target = loadgen.Target("127.0.0.1", self.port)
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label} exited with {self.proc.returncode} before it was ready; "
+                                   f"log: {self.log_path}\n{self.log_tail()}")
+            with contextlib.suppress(Exception):
+                status, _ = loadgen.run_async(loadgen.http_get(target, "/health/ready", timeout=2.0))
+                if status == 200:
+                    return time.monotonic() - started
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.label} was not ready within {timeout:g}s; log: {self.log_path}\n{self.log_tail()}")
+
+    def get_json(self, path: str):
+        status, body = loadgen.run_async(loadgen.http_get(loadgen.Target("127.0.0.1", self.port), path))
+        return json.loads(body) if status == 200 else None
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                print(f"  {self.label} did not exit 40 s after SIGTERM; killing it", flush=True)
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+# ---------------------------------------------------------------------------- the steps
+
+
+def run_engine(models_dir: Path, model: str, args, out_dir: Path) -> dict:
+    path = out_dir / f"engine-{model}.json"
+    cmd = [PY, "-m", "bench.engine", "--models-dir", str(models_dir), "--model", model,
+           "--batch-sizes", args.batch_sizes, "--budget-s", str(args.engine_budget_s),
+           "--min-runs", str(args.engine_min_runs), "--warmup-runs", str(args.engine_warmup_runs), "--json", str(path)]
+    env = {**os.environ, **dict(args.server_env)}
+    meter = CpuMeter(None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    cpu = meter.stop()
+    cpu["engine_cores"] = cpu.pop("loadgen_cores")  # the engine run is a reaped child of this process
+    del cpu["server_cores"]
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.engine failed for {model}:\n{proc.stderr[-3000:]}")
+    print(proc.stdout.rstrip(), flush=True)
+    print(f"  cpu cores: {cpu}", flush=True)
+    report = json.loads(path.read_text())
+    report["cpu"] = cpu
+    return report
+
+
+def load_points(server: Server, model: str, args, images: list[bytes]) -> dict:
+    out = {}
+    for clients in args.clients:
+        meter = CpuMeter(server.proc.pid)
+        report = loadgen.run_async(loadgen.closed_loop(
+            server.url, model, clients, args.duration, warmup=args.warmup, images=images, timeout=args.timeout,
+        ))
+        report["cpu"] = meter.stop()
+        print(loadgen.format_report(report), flush=True)
+        print(f"  cpu cores: {report['cpu']}", flush=True)
+        out[f"c{clients}"] = report
+    return out
+
+
+def run_archserve(models_dir: Path, model: str, args, images: list[bytes], logs: Path) -> dict:
+    port = free_port()
+    argv = [PY, "-m", "service", "--port", str(port), "--models-dir", str(models_dir), "--models", model,
+            *args.server_arg]
+    with Server(f"archserve {model}", argv, port, logs / f"archserve-{model}.log", dict(args.server_env)) as server:
+        ready_s = server.wait_ready()
+        info = server.get_json(f"/models/{model}")
+        print(f"archserve {model} ready in {ready_s:.1f}s on port {port}", flush=True)
+        result = {"argv": argv[1:], "env": dict(args.server_env), "ready_s": round(ready_s, 2), "model_info": info,
+                  **load_points(server, model, args, images)}
+    return result
+
+
+def run_naive(models_dir: Path, model: str, args, images: list[bytes], logs: Path) -> dict:
+    port = free_port()
+    argv = [PY, "-m", "bench.naive_server", "--models-dir", str(models_dir), "--model", model, "--port", str(port)]
+    with Server(f"naive {model}", argv, port, logs / f"naive-{model}.log") as server:
+        ready_s = server.wait_ready()
+        print(f"naive {model} ready in {ready_s:.1f}s on port {port}", flush=True)
+        result = {"argv": argv[1:], "ready_s": round(ready_s, 2), **load_points(server, model, args, images)}
+    return result
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def _get(d: dict | None, *keys):
+    for k in keys:
+        if d is None:
+            return None
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def summarise(model: str, r: dict, low: int, high: int) -> dict:
+    from .engine import at_batch
+
+    engine = r.get("engine")
+    a_hi, a_lo = _get(r, "archserve", f"c{high}"), _get(r, "archserve", f"c{low}")
+    n_hi, n_lo = _get(r, "naive", f"c{high}"), _get(r, "naive", f"c{low}")
+    mean_batch = _get(a_hi, "server", "mean_batch_size")
+    row: dict = {"model": model}
+    if engine:
+        best = engine["best"]
+        bs1 = at_batch(engine, 1)
+        row.update(raw_best_img_s=best["img_s"], raw_best_batch=best["batch_size"],
+                   raw_b1_ms=bs1["ms_per_batch"] if bs1["batch_size"] == 1 else None)
+        if mean_batch:
+            formed = at_batch(engine, mean_batch)
+            row.update(raw_formed_img_s=formed["img_s"], raw_formed_batch=formed["batch_size"])
+    row.update(
+        mean_batch=mean_batch,
+        archserve_img_s=_get(a_hi, "throughput_img_s"),
+        archserve_p50_lo=_get(a_lo, "latency_ms", "p50"),
+        archserve_p50_hi=_get(a_hi, "latency_ms", "p50"),
+        naive_img_s=_get(n_hi, "throughput_img_s"),
+        naive_p50_lo=_get(n_lo, "latency_ms", "p50"),
+        errors={k: v for k, v in (("archserve", _get(a_hi, "errors")), ("naive", _get(n_hi, "errors"))) if v},
+    )
+    others = [_get(x, "cpu", "other_cores") for x in (engine, a_lo, a_hi, n_lo, n_hi)]
+    others = [o for o in others if o is not None]
+    row["other_cores_max"] = max(others) if others else None
+    if row.get("archserve_img_s") is not None and row.get("raw_best_img_s"):
+        row["ratio_best"] = row["archserve_img_s"] / row["raw_best_img_s"]
+    if row.get("archserve_img_s") is not None and row.get("raw_formed_img_s"):
+        row["ratio_formed"] = row["archserve_img_s"] / row["raw_formed_img_s"]
+    if row.get("archserve_p50_lo") is not None and row.get("raw_b1_ms") is not None:
+        row["p50_minus_raw_ms"] = row["archserve_p50_lo"] - row["raw_b1_ms"]
+    return row
+
+
+def targets(row: dict, high: int) -> list[dict]:
+    model = row["model"]
+    out = []
+
+    def add(name: str, measured: str, threshold: str, ok: bool | None) -> None:
+        out.append({"model": model, "target": name, "measured": measured, "threshold": threshold,
+                    "pass": ok})
+
+    need = E2E_OF_RAW.get(model, E2E_OF_RAW_DEFAULT)
+    ratio = row.get("ratio_best")
+    add(f"e2e @{high} / raw engine (best batch)",
+        f"{ratio:.1%}" if ratio is not None else "n/a", f">= {need:.0%}", None if ratio is None else ratio >= need)
+    diff = row.get("p50_minus_raw_ms")
+    add("p50 @1 - raw batch-1 latency", f"{diff:+.1f} ms" if diff is not None else "n/a",
+        f"<= +{P50_OVER_RAW_MS:g} ms", None if diff is None else diff <= P50_OVER_RAW_MS)
+    mb = row.get("mean_batch")
+    add(f"mean batch size @{high}", f"{mb:.2f}" if mb is not None else "n/a", "> 1", None if mb is None else mb > 1)
+    a, n = row.get("archserve_img_s"), row.get("naive_img_s")
+    add(f"throughput @{high} vs naive", f"{a:.1f} vs {n:.1f} img/s" if a is not None and n is not None else "n/a",
+        "archserve > naive", None if a is None or n is None else a > n)
+    a, n = row.get("archserve_p50_lo"), row.get("naive_p50_lo")
+    ok = None if a is None or n is None else (a <= n * (1 + NAIVE_P50_REL) or a <= n + NAIVE_P50_ABS_MS)
+    add("p50 @1 vs naive", f"{a:.1f} vs {n:.1f} ms" if a is not None and n is not None else "n/a",
+        f"<= naive +{NAIVE_P50_REL:.0%} or +{NAIVE_P50_ABS_MS:g} ms", ok)
+    return out
+
+
+def _f(value, fmt: str = "{:.1f}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def markdown(rows: list[dict], checks: list[dict], low: int, high: int) -> str:
+    head = ("| model | raw engine img/s: best (batch) | raw @ formed batch (batch) | archserve e2e img/s @" + str(high)
+            + " | / raw best | / raw formed | naive e2e img/s @" + str(high) + " | archserve p50 @" + str(low)
+            + " ms | raw batch-1 ms | difference ms | naive p50 @" + str(low) + " ms | mean batch @" + str(high)
+            + " | other load (cores) |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["model"],
+            f"{_f(r.get('raw_best_img_s'))} ({r.get('raw_best_batch', 'n/a')})",
+            f"{_f(r.get('raw_formed_img_s'))} ({r.get('raw_formed_batch', 'n/a')})",
+            _f(r.get("archserve_img_s")),
+            _f(r.get("ratio_best"), "{:.0%}"),
+            _f(r.get("ratio_formed"), "{:.0%}"),
+            _f(r.get("naive_img_s")),
+            _f(r.get("archserve_p50_lo")),
+            _f(r.get("raw_b1_ms")),
+            _f(r.get("p50_minus_raw_ms"), "{:+.1f}"),
+            _f(r.get("naive_p50_lo")),
+            _f(r.get("mean_batch"), "{:.2f}"),
+            _f(r.get("other_cores_max"), "{:.2f}"),
+        ]) + " |")
+    lines += ["", "| model | target | measured | threshold | result |", "|---|---|---|---|---|"]
+    for c in checks:
+        result = "n/a" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+        lines.append(f"| {c['model']} | {c['target']} | {c['measured']} | {c['threshold']} | {result} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models-dir", type=Path, default=Path("bench/models"))
+    p.add_argument("--models", default="resnet50,resnet18")
+    p.add_argument("--duration", type=float, help="measured seconds per load point (default 20; --quick 5)")
+    p.add_argument("--warmup", type=float, help="warm-up seconds per load point (default 3; --quick 1.5)")
+    p.add_argument("--quick", action="store_true", help="a ~2 minute smoke run: short load points, short engine runs")
+    p.add_argument("--clients", default="1,16", help="closed-loop client counts: low,high (default 1,16)")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="engine-only batch sizes")
+    p.add_argument("--engine-budget-s", type=float, help="engine timed seconds per batch size (default 3; quick 0.5)")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra argument for archserve, e.g. --server-arg=--max-queue-delay-ms=2 (repeatable)")
+    p.add_argument("--server-env", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="environment for archserve and the engine run, e.g. ARCHSERVE_INTRA_OP_THREADS=2")
+    p.add_argument("--skip", default="", help="comma-separated steps to skip: engine, archserve, naive")
+    p.add_argument("--settle-s", type=float, help="before each step, wait up to this long for other work on the "
+                   "machine to stop (default 60; --quick 10)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.duration = args.duration or (5.0 if args.quick else 20.0)
+    args.warmup = args.warmup if args.warmup is not None else (1.5 if args.quick else 3.0)
+    args.engine_budget_s = args.engine_budget_s or (0.5 if args.quick else 3.0)
+    args.settle_s = args.settle_s if args.settle_s is not None else (10.0 if args.quick else 60.0)
+    args.engine_min_runs = 2 if args.quick else 5
+    args.engine_warmup_runs = 1 if args.quick else 2
+    args.clients = [int(c) for c in args.clients.split(",")]
+    if len(args.clients) != 2 or min(args.clients) < 1:
+        print("error: --clients takes two counts, e.g. 1,16", file=sys.stderr)
+        return 2
+    if args.duration > 600:
+        print("error: --duration is at most 600 s", file=sys.stderr)
+        return 2
+    low, high = args.clients
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models_dir = args.models_dir if args.models_dir.is_absolute() else ROOT / args.models_dir
+    out_dir = args.out if args.out.is_absolute() else ROOT / args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.monotonic()
+    machine = machine_info()
+    stamp = dt.datetime.now().strftime("%Y-%m-%dT%H%M%S")
+    result_path = out_dir / f"{stamp}-{machine['host']}.json"
+    logs = out_dir / f"{stamp}-{machine['host']}-logs"
+    logs.mkdir(exist_ok=True)
+    print(f"{machine['cpu_model']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']}, "
+          f"load average {machine['loadavg_start'][0]:.2f}; {args.duration:g}s per load point", flush=True)
+
+    ensure_models(models_dir, models)
+    images = loadgen.make_jpegs()
+    results: dict = {"machine": machine, "config": {
+        "models": models, "models_dir": str(models_dir), "duration_s": args.duration, "warmup_s": args.warmup,
+        "clients": args.clients, "batch_sizes": args.batch_sizes, "engine_budget_s": args.engine_budget_s,
+        "quick": args.quick, "server_args": args.server_arg, "server_env": dict(args.server_env),
+        "images": {"count": len(images), "size": "500x375", "quality": 90, "bytes": [len(i) for i in images]},
+    }, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="archserve-bench-") as tmp:
+        for model in models:
+            print(f"\n=== {model} ===", flush=True)
+            r: dict = {}
+            results["models"][model] = r
+            steps = (("engine", lambda: run_engine(models_dir, model, args, Path(tmp))),
+                     ("archserve", lambda: run_archserve(models_dir, model, args, images, logs)),
+                     ("naive", lambda: run_naive(models_dir, model, args, images, logs)))
+            for name, step in steps:
+                if name in skip:
+                    continue
+                print(f"--- {model}: {name}", flush=True)
+                quiet = settle(args.settle_s)
+                try:
+                    r[name] = step()
+                    r[name]["settle"] = quiet
+                except Exception as exc:  # one failing step must not lose the others' figures
+                    print(f"  {name} failed: {exc}", flush=True)
+                    r[name] = None
+                    r.setdefault("failures", {})[name] = str(exc)
+
+    rows = [summarise(m, results["models"][m], low, high) for m in models]
+    checks = [c for row in rows for c in targets(row, high)]
+    machine["loadavg_end"] = os.getloadavg()
+    machine["provider"] = next((_get(results["models"][m], "engine", "provider") for m in models
+                                if _get(results["models"][m], "engine", "provider")), None)
+    results.update(summary=rows, targets=checks, elapsed_s=round(time.monotonic() - started, 1))
+    table = markdown(rows, checks, low, high)
+    results["table"] = table
+    result_path.write_text(json.dumps(results, indent=2))
+    print(f"\n{table}\n")
+    print(f"provider {machine['provider']}; load average {machine['loadavg_start'][0]:.2f} at start, "
+          f"{machine['loadavg_end'][0]:.2f} at end; {results['elapsed_s']:.0f}s in all")
+    print(f"results: {result_path.relative_to(ROOT) if result_path.is_relative_to(ROOT) else result_path}")
+    print(f"server logs: {logs.relative_to(ROOT) if logs.is_relative_to(ROOT) else logs}")
+    return 1 if any(r.get("failures") for r in results["models"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""A/B experiments between architectures: config, routing, statistics and reports."""

@@ -1,0 +1,212 @@
+"""Experiments: listing, reload (admin), feedback, and the comparison report."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import time
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
+
+from ..errors import BadRequestError, NotFoundError, ServiceError
+from ..experiments.config import Experiment, ExperimentConfigError
+from ..experiments.report import build_report
+from ..experiments.report_html import render_report_html
+from ..experiments.runtime import served_check_from_table
+from ..state import AppState
+from ..store.base import ConflictingFeedbackError, UnknownRequestError
+
+router = APIRouter(tags=["experiments"])
+log = logging.getLogger(__name__)
+
+
+class UnauthorizedError(ServiceError):
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ForbiddenError(ServiceError):
+    status_code = 403
+    code = "admin_disabled"
+
+
+class ConflictError(ServiceError):
+    status_code = 409
+    code = "conflict"
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.archserve
+
+
+def _experiment(state: AppState, name: str) -> Experiment:
+    experiment = state.experiments.get(name)
+    if experiment is None:
+        known = ", ".join(sorted(state.experiments.current)) or "none"
+        raise NotFoundError(f"no experiment {name!r}; experiments: {known}. See GET /experiments")
+    return experiment
+
+
+def _require_admin(request: Request) -> None:
+    token = _state(request).settings.admin_token
+    if token is None or not token.get_secret_value():
+        raise ForbiddenError("admin endpoints are disabled; set ARCHSERVE_ADMIN_TOKEN to enable them")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise UnauthorizedError("this endpoint needs 'Authorization: Bearer <admin token>'")
+
+
+def _describe(state: AppState, experiment: Experiment) -> dict:
+    body = experiment.describe()
+    for entry in body["variants"] + body["shadows"]:
+        versions = state.models.versions(entry["model"])
+        entry["served_version"] = entry["version"] or (max(versions) if versions else None)
+    return body
+
+
+@router.get("/experiments", summary="Every experiment")
+async def list_experiments(request: Request) -> dict:
+    state = _state(request)
+    return {
+        "experiments_file": str(state.settings.experiments_file) if state.settings.experiments_file else None,
+        "loaded_at": state.experiments.loaded_at,
+        "experiments": [_describe(state, e) for _, e in sorted(state.experiments.current.items())],
+    }
+
+
+@router.get("/experiments/{name}", summary="One experiment's definition")
+async def get_experiment(request: Request, name: str) -> dict:
+    state = _state(request)
+    return _describe(state, _experiment(state, name))
+
+
+@router.post("/experiments/reload", summary="Re-read the experiments file (admin token required)")
+async def reload_experiments(request: Request) -> dict:
+    _require_admin(request)
+    state = _state(request)
+    if state.settings.experiments_file is None:
+        raise BadRequestError("no experiments file is configured; set ARCHSERVE_EXPERIMENTS_FILE and restart")
+    try:
+        loaded = state.experiments.load(served_check_from_table(state.models))
+    except ExperimentConfigError as exc:
+        raise BadRequestError(f"the experiments file was not applied, the previous experiments stay: {exc}") from exc
+    return {"reloaded": True, "experiments": sorted(loaded)}
+
+
+def install_reload_signal(app: FastAPI) -> None:
+    """SIGHUP re-reads the experiments file, like POST /experiments/reload."""
+    state: AppState = app.state.archserve
+    if state.settings.experiments_file is None:
+        return
+
+    def reload() -> None:
+        try:
+            state.experiments.load(served_check_from_table(state.models))
+            log.info("experiments reloaded on SIGHUP: %s", ", ".join(sorted(state.experiments.current)))
+        except ExperimentConfigError as exc:
+            log.error("SIGHUP reload refused, previous experiments kept: %s", exc)
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests) or no SIGHUP
+        pass
+
+
+class Feedback(BaseModel):
+    request_id: str = Field(min_length=1, max_length=128)
+    label: int | str = Field(description="The true class: its index or its name.")
+    image_index: int = Field(0, ge=0, description="Which image of a multi-image request (default the first).")
+
+
+@router.post("/feedback", summary="The true label of a classified image (for experiment accuracy)")
+async def feedback(request: Request, body: Feedback) -> dict:
+    state = _state(request)
+    if state.store is None:
+        raise NotFoundError("no experiments are configured, so no predictions are logged for feedback")
+    primary = await asyncio.to_thread(state.store.find_primary, body.request_id, body.image_index)
+    if primary is None:
+        raise NotFoundError(
+            f"no logged prediction for request id {body.request_id!r} (image {body.image_index}); only requests "
+            f"to experiments are logged, and only for {state.settings.store_retention_days:g} days"
+        )
+    label = _label_index(state, primary.model, primary.version, body.label)
+    try:
+        outcome = await asyncio.to_thread(state.store.add_feedback, body.request_id, body.image_index, label, time.time())
+    except UnknownRequestError as exc:
+        raise NotFoundError(str(exc)) from exc
+    except ConflictingFeedbackError as exc:
+        raise ConflictError(str(exc)) from exc
+    if outcome == "created":
+        labels = (primary.experiment, primary.variant)
+        state.experiment_metrics.feedback.labels(*labels).inc()
+        if primary.top5 and primary.top5[0] == label:
+            state.experiment_metrics.feedback_correct.labels(*labels, "1").inc()
+        if label in primary.top5:
+            state.experiment_metrics.feedback_correct.labels(*labels, "5").inc()
+    return {
+        "status": outcome,
+        "request_id": body.request_id,
+        "image_index": body.image_index,
+        "label": label,
+        "experiment": primary.experiment,
+        "variant": primary.variant,
+        "top1_correct": bool(primary.top5) and primary.top5[0] == label,
+        "top5_correct": label in primary.top5,
+    }
+
+
+def _label_index(state: AppState, model: str, version: int, label: int | str) -> int:
+    versions = state.models.versions(model)
+    served = versions.get(version) or (versions[max(versions)] if versions else None)
+    names = list(served.manifest.labels) if served is not None else None
+    if isinstance(label, int):
+        if label < 0 or (names is not None and label >= len(names)):
+            raise BadRequestError(f"label index {label} is out of range for {model} ({len(names or [])} classes)")
+        return label
+    if names is None:
+        raise BadRequestError(f"{model} is no longer served, so its label names are unknown; send the class index")
+    try:
+        return names.index(label)
+    except ValueError:
+        raise BadRequestError(
+            f"{label!r} is not a class of {model}; send the class index or one of its label names "
+            "(see the labels in the model's manifest)"
+        ) from None
+
+
+async def _report(state: AppState, name: str) -> dict:
+    experiment = _experiment(state, name)
+    if state.store is None:
+        raise NotFoundError("no experiment store is configured")
+    data = await asyncio.to_thread(state.store.experiment_data, name)
+    data.shadow_shed = {s: n for (e, s), n in state.experiments.shed.items() if e == name}
+    labels = {}
+    for variant in (*experiment.variants, *experiment.shadows):
+        versions = state.models.versions(variant.model)
+        if versions:
+            served = versions.get(variant.version) if variant.version else versions[max(versions)]
+            if served is not None:
+                labels[variant.name] = list(served.manifest.labels)
+    return build_report(
+        data,
+        variants=[v.name for v in experiment.variants],
+        shadows=[s.name for s in experiment.shadows],
+        labels=labels,
+    )
+
+
+@router.get("/experiments/{name}/report", summary="The comparison, with confidence intervals and a verdict")
+async def report(request: Request, name: str) -> dict:
+    return await _report(_state(request), name)
+
+
+@router.get("/experiments/{name}/report.html", response_class=HTMLResponse, summary="The report as a page")
+async def report_html(request: Request, name: str) -> HTMLResponse:
+    return HTMLResponse(render_report_html(await _report(_state(request), name)))

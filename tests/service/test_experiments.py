@@ -1,0 +1,171 @@
+"""A/B experiments end to end over HTTP: routing, shadows, feedback, report, persistence, admin."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.experiments.config import ExperimentConfigError
+from service.settings import Settings
+from tests.images import jpeg
+from tests.service.server import running_server
+
+TOKEN = "s3cret-token"
+EXPERIMENTS = """
+experiments:
+  - name: arch-ab
+    sticky_key: X-User-Id
+    variants:
+      - {name: resnet, model: resnet18, weight: 1}
+      - {name: inception1, model: googlenet, weight: 1}
+    shadows:
+      - {name: inception3, model: inception_v3}
+"""
+
+
+@pytest.fixture()
+def experiments_file(tmp_path):
+    path = tmp_path / "experiments.yaml"
+    path.write_text(EXPERIMENTS)
+    return path
+
+
+def serve(repo, experiments_file, store, **extra):
+    extra.setdefault("max_batch_size", 8)
+    return running_server(
+        models_dir=repo, experiments_file=experiments_file, store_path=store, admin_token=TOKEN, **extra,
+    )
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def test_experiment_routing_shadows_feedback_report_and_restart(experiment_repo, experiments_file, tmp_path):
+    store = tmp_path / "store.sqlite3"
+    image = jpeg(seed=11)
+    with serve(experiment_repo, experiments_file, store) as (url, _):
+        listing = httpx.get(f"{url}/experiments").json()
+        assert [e["name"] for e in listing["experiments"]] == ["arch-ab"]
+        assert listing["experiments"][0]["shadows"][0]["served_version"] == 1
+
+        # sticky: a user always gets the same variant, and the response says which
+        served_by = {}
+        for user in ("alice", "bob", "carol", "dave", "erin", "frank"):
+            variants = set()
+            for _ in range(2):
+                r = httpx.post(f"{url}/classify/arch-ab", content=image, headers={"X-User-Id": user}, timeout=60)
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert body["experiment"] == "arch-ab" and r.headers["X-Variant"] == body["variant"]
+                variants.add(body["variant"])
+            assert len(variants) == 1
+            served_by[user] = variants.pop()
+        assert set(served_by.values()) <= {"resnet", "inception1"}
+
+        # the primary's answer is what the model itself answers: shadows change nothing
+        user = next(u for u, v in served_by.items() if v == "resnet")
+        via_experiment = httpx.post(f"{url}/classify/arch-ab", content=image, headers={"X-User-Id": user}).json()
+        direct = httpx.post(f"{url}/classify/resnet18", content=image).json()
+        assert via_experiment["results"] == direct["results"]
+
+        # feedback by index and by name, idempotent, conflicting, unknown
+        request_id = via_experiment["request_id"]
+        top1 = via_experiment["results"][0]["predictions"][0]
+        first = httpx.post(f"{url}/feedback", json={"request_id": request_id, "label": top1["index"]})
+        assert first.status_code == 200 and first.json()["status"] == "created" and first.json()["top1_correct"]
+        again = httpx.post(f"{url}/feedback", json={"request_id": request_id, "label": top1["label"]})
+        assert again.status_code == 200 and again.json()["status"] == "duplicate"
+        conflict = httpx.post(f"{url}/feedback", json={"request_id": request_id, "label": (top1["index"] + 1) % 1000})
+        assert conflict.status_code == 409
+        unknown = httpx.post(f"{url}/feedback", json={"request_id": "no-such-request", "label": 3})
+        assert unknown.status_code == 404 and "no logged prediction" in unknown.json()["error"]
+        bad_name = httpx.post(f"{url}/feedback", json={"request_id": request_id, "label": "unicorn"})
+        assert bad_name.status_code == 400
+
+        # shadows ran on the same images and were recorded
+        def shadow_pairs():
+            report = httpx.get(f"{url}/experiments/arch-ab/report").json()
+            return sum(c["n_pairs"] for c in report["shadow_comparisons"])
+        wait_for(lambda: shadow_pairs() >= 13)
+        report = httpx.get(f"{url}/experiments/arch-ab/report").json()
+        variants = {v["name"]: v for v in report["variants"]}
+        assert sum(v["n_images"] for v in variants.values()) == 13
+        assert variants["resnet"]["labelled_n"] == 1 and variants["resnet"]["top1_accuracy"]["rate"] == 1.0
+        assert "verdict" in report and "not enough data" in report["verdict"]
+        page = httpx.get(f"{url}/experiments/arch-ab/report.html")
+        assert page.status_code == 200 and "<svg" in page.text and "arch-ab" in page.text
+
+    # restart on the same store: nothing is lost, feedback still finds old requests
+    with serve(experiment_repo, experiments_file, store) as (url, _):
+        report = httpx.get(f"{url}/experiments/arch-ab/report").json()
+        assert sum(v["n_images"] for v in report["variants"]) == 13
+        assert sum(c["n_pairs"] for c in report["shadow_comparisons"]) >= 13
+        other = next(u for u, v in served_by.items() if v == "inception1")
+        r = httpx.post(f"{url}/classify/arch-ab", content=image, headers={"X-User-Id": other}).json()
+        assert r["variant"] == "inception1", "sticky across restarts too"
+        late = httpx.post(f"{url}/feedback", json={"request_id": request_id, "label": top1["index"]})
+        assert late.json()["status"] == "duplicate"
+
+
+def test_saturated_queues_shed_shadows_not_primaries(experiment_repo, experiments_file, tmp_path):
+    store = tmp_path / "store.sqlite3"
+    with serve(experiment_repo, experiments_file, store, max_batch_size=1) as (url, _):
+        # make the shadow model the busy one: primaries of inception_v3 itself keep its queue long
+        async def burst():
+            async with httpx.AsyncClient(timeout=120) as client:
+                data = jpeg(seed=2)
+                shadowed = [client.post(f"{url}/classify/arch-ab", content=data) for _ in range(12)]
+                load = [client.post(f"{url}/classify/inception_v3", content=data) for _ in range(12)]
+                return await asyncio.gather(*shadowed, *load)
+
+        responses = asyncio.run(burst())
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+        metrics = httpx.get(f"{url}/metrics").text
+        shed = [line for line in metrics.splitlines()
+                if line.startswith("archserve_shadow_images_total") and 'outcome="shed"' in line]
+        assert shed and float(shed[0].rsplit(" ", 1)[1]) > 0
+
+
+def test_admin_reload_needs_the_token_and_a_bad_file_keeps_the_old_experiments(
+    experiment_repo, experiments_file, tmp_path
+):
+    with serve(experiment_repo, experiments_file, tmp_path / "s.sqlite3") as (url, _):
+        assert httpx.post(f"{url}/experiments/reload").status_code == 401
+        wrong = httpx.post(f"{url}/experiments/reload", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+
+        experiments_file.write_text(EXPERIMENTS.replace("googlenet", "vgg16"))
+        bad = httpx.post(f"{url}/experiments/reload", headers=auth)
+        assert bad.status_code == 400 and "vgg16" in bad.json()["error"] and "previous experiments stay" in bad.json()["error"]
+        assert httpx.get(f"{url}/experiments/arch-ab").json()["variants"][1]["model"] == "googlenet"
+
+        experiments_file.write_text(EXPERIMENTS.replace("arch-ab", "arch-ab2"))
+        good = httpx.post(f"{url}/experiments/reload", headers=auth)
+        assert good.status_code == 200 and good.json()["experiments"] == ["arch-ab2"]
+        assert httpx.post(f"{url}/classify/arch-ab2", content=jpeg(), timeout=60).status_code == 200
+        assert httpx.post(f"{url}/classify/arch-ab", content=jpeg()).status_code == 404
+
+
+def test_admin_endpoints_are_disabled_without_a_token(experiment_repo, experiments_file, tmp_path):
+    with running_server(models_dir=experiment_repo, experiments_file=experiments_file,
+                        store_path=tmp_path / "s.sqlite3") as (url, _):
+        refused = httpx.post(f"{url}/experiments/reload", headers={"Authorization": "Bearer anything"})
+        assert refused.status_code == 403 and "ARCHSERVE_ADMIN_TOKEN" in refused.json()["error"]
+
+
+def test_a_server_with_a_bad_experiments_file_does_not_start(experiment_repo, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXPERIMENTS.replace("name: arch-ab", "name: resnet18"))
+    with pytest.raises(ExperimentConfigError, match="has the name of a served model"):
+        create_app(Settings(models_dir=experiment_repo, experiments_file=bad, store_path=tmp_path / "s.sqlite3"))
