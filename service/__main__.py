@@ -17,6 +17,21 @@ import tempfile
 from pydantic import ValidationError
 
 
+def _draining_server_class():
+    import uvicorn
+
+    from .state import begin_shutdown_everywhere
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM, turn not ready (503 to new requests) before uvicorn drains and exits."""
+
+        def handle_exit(self, sig, frame) -> None:
+            begin_shutdown_everywhere()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description="archserve: batched image classification")
     parser.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
@@ -56,21 +71,24 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    DrainingServer = _draining_server_class()
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the
     # signal; a drained shutdown is a success, so that re-raise exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
+    options = dict(
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_s) or None,
+        proxy_headers=False,
+    )
     try:
-        uvicorn.run(
-            "service.app:create_app",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            log_level=settings.log_level.lower(),
-            timeout_graceful_shutdown=int(settings.graceful_shutdown_s) or None,
-            proxy_headers=False,
-        )
+        if settings.workers == 1:
+            DrainingServer(uvicorn.Config("service.app:create_app", **options)).run()
+        else:
+            uvicorn.run("service.app:create_app", workers=settings.workers, **options)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -17,11 +17,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .errors import ServiceError
 from .experiments.runtime import Experiments, served_check_from_plan
 from .metrics import ExperimentMetrics, Metrics, multiprocess_dir
+from .lifecycle import Lifecycle
 from .repository import plan_versions
-from .routes import classify, experiments, health, models
+from .routes import classify, experiments, health, models, repository
+from .routes import v2
 from .settings import Settings
 from .state import AppState
 from .store.sqlite import SQLiteStore
+from .store.writer import StoreWriter
 
 log = logging.getLogger("archserve")
 
@@ -32,7 +35,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state: AppState = app.state.archserve
-        loading = asyncio.create_task(state.load())  # live at once, ready once loaded
+        lifecycle = Lifecycle(state)
+        app.state.lifecycle = lifecycle
+
+        async def load_then_poll() -> None:
+            await state.load()  # live at once, ready once loaded
+            await lifecycle.run_polling()  # then pick up newly published versions
+
+        loading = asyncio.create_task(load_then_poll())
+        if state.store_writer is not None:
+            state.spawn(state.store_writer.run(), daemon=True)
         experiments.install_reload_signal(app)
         try:
             yield
@@ -60,18 +72,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_predictions=settings.store_max_predictions,
         )
     metric_args = (registry,) if registry is not None else ()
+    experiment_metrics = ExperimentMetrics(*metric_args)
+    writer = None
+    if store is not None:
+        writer = StoreWriter(store, on_state=lambda up: experiment_metrics.store_up.set(1 if up else 0))
+        experiment_metrics.store_up.set(1)
+        experiment_metrics.store_pending.set_function(lambda: len(writer.pending))
     app.state.archserve = AppState(
         settings=settings,
         metrics=Metrics(*metric_args),
-        experiment_metrics=ExperimentMetrics(*metric_args),
+        experiment_metrics=experiment_metrics,
         experiments=experiment_set,
         store=store,
+        store_writer=writer,
         decode_pool=ThreadPoolExecutor(settings.decode_thread_count(), thread_name_prefix="decode"),
     )
     app.include_router(classify.router)
     app.include_router(experiments.router)
     app.include_router(models.router)
+    app.include_router(repository.router)
     app.include_router(health.router)
+    app.include_router(v2.router)
     _install_error_handlers(app)
     return app
 

@@ -96,6 +96,11 @@ class Metrics:
             LABELS + ("architecture", "precision", "provider", "weights"),
             registry=registry, multiprocess_mode="liveall",
         )
+        self.model_loads = Counter(
+            "archserve_model_loads",
+            "Model versions loaded at run time (hot reload, load calls) by outcome: loaded or failed.",
+            ("model", "outcome"), registry=registry,
+        )
         self.ready = Gauge(
             "archserve_ready", "1 once every model is loaded and warmed up.",
             registry=registry, multiprocess_mode="livemin",
@@ -163,6 +168,15 @@ class ExperimentMetrics:
             EXPERIMENT_LABELS + ("k",), registry=registry,
         )
         self.store_errors = Counter(
-            "archserve_store_errors", "Prediction-log writes that failed (the request was still answered).",
+            "archserve_store_errors",
+            "Prediction-log writes that failed and were buffered for retry (the request was still answered).",
             registry=registry,
+        )
+        self.store_up = Gauge(
+            "archserve_store_up", "1 while the experiment store accepts writes, 0 while it is degraded.",
+            registry=registry, multiprocess_mode="livemin",
+        )
+        self.store_pending = Gauge(
+            "archserve_store_pending_records", "Prediction records buffered in memory while the store is down.",
+            registry=registry, multiprocess_mode="livesum",
         )

@@ -185,7 +185,11 @@ def _batch_observer(metrics: Metrics, name: str, version: str):
 
 
 class ModelTable:
-    """Served model versions by name; lookups fail with the list of what exists."""
+    """Served model versions by name; lookups fail with the list of what exists.
+
+    Immutable: the lifecycle builds a new table and swaps it in one assignment,
+    so a request sees either the old set or the new one, never half of a change.
+    """
 
     def __init__(self, models: list[ServedModel] | None = None) -> None:
         self._by_name: dict[str, dict[int, ServedModel]] = {}
@@ -215,3 +219,8 @@ class ModelTable:
                 f"{', '.join(map(str, sorted(versions)))}"
             )
         return versions[version]
+
+    def with_models(self, added: list[ServedModel], removed: list[ServedModel] = ()) -> "ModelTable":
+        gone = {id(m) for m in removed}
+        kept = [m for m in self if id(m) not in gone and (m.name, m.version) not in {(a.name, a.version) for a in added}]
+        return ModelTable(kept + list(added))

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(50_000_000, ge=1, description="Larger images are refused before decoding.")
     decode_threads: int = Field(0, ge=0, description="Image decoding threads; 0 = one per core.")
     warmup: bool = True
+    poll_interval_s: float = Field(
+        10.0, ge=0, description="How often the repository is scanned for new versions; 0 disables hot reload."
+    )
     graceful_shutdown_s: float = Field(30.0, ge=0)
 
     # A/B experiments and their store

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -15,11 +16,20 @@ from .metrics import ExperimentMetrics, Metrics
 from .repository import ModelTable, ServedModel, load_model, plan_versions
 from .settings import Settings
 from .store.base import ExperimentStore
+from .store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
+_live_states: "weakref.WeakSet[AppState]"
 
 
-@dataclass
+def begin_shutdown_everywhere() -> None:
+    """SIGTERM: every app in this process turns not ready and answers new requests 503 at once."""
+    for state in list(_live_states):
+        state.ready, state.shutting_down = False, True
+        state.metrics.ready.set(0)
+
+
+@dataclass(eq=False)
 class AppState:
     settings: Settings
     metrics: Metrics
@@ -27,13 +37,18 @@ class AppState:
     experiment_metrics: ExperimentMetrics
     experiments: Experiments
     store: ExperimentStore | None = None
+    store_writer: StoreWriter | None = None
     models: ModelTable = field(default_factory=ModelTable)
     background: set = field(default_factory=set)
+    daemons: set = field(default_factory=set)
     ready: bool = False
     shutting_down: bool = False
     status: str = "loading"
     reason: str = "models are loading and warming up"
     loaded_in_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _live_states.add(self)
 
     def require_ready(self) -> None:
         if self.shutting_down:
@@ -88,11 +103,12 @@ class AppState:
             loaded.append(model)
         return loaded
 
-    def spawn(self, coro) -> None:
-        """Run background work (shadow runs) that shutdown waits for."""
+    def spawn(self, coro, daemon: bool = False) -> None:
+        """Run background work: shutdown waits for it (shadow runs), or cancels it (``daemon``: loops, timers)."""
         task = asyncio.ensure_future(coro)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        tasks = self.daemons if daemon else self.background
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def close(self) -> None:
         self.ready, self.shutting_down = False, True
@@ -101,6 +117,14 @@ class AppState:
             await model.batcher.close(drain=True, timeout=self.settings.graceful_shutdown_s)
         if self.background:
             await asyncio.wait(set(self.background), timeout=5)
+        for task in list(self.daemons):
+            task.cancel()
+        await asyncio.gather(*self.daemons, return_exceptions=True)
+        if self.store_writer is not None:
+            await self.store_writer.flush()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         if self.store is not None:
             self.store.close()
+
+
+_live_states = weakref.WeakSet()

@@ -14,8 +14,8 @@ from ..batching import BatchingError, ShedError
 from ..metrics import ExperimentMetrics
 from ..postprocess import top_k
 from ..repository import ModelTable, ServedModel
-from ..store.base import ExperimentStore
 from ..store.records import PredictionRecord
+from ..store.writer import StoreWriter
 from .config import Experiment, ExperimentConfigError, ServedCheck, Variant, load_experiments
 
 log = logging.getLogger(__name__)
@@ -73,20 +73,17 @@ def predictions_of(logits: np.ndarray, labels: np.ndarray, k: int = 5) -> tuple[
     return tuple(p["index"] for p in best), tuple(p["score"] for p in best)
 
 
-async def record(store: ExperimentStore | None, metrics: ExperimentMetrics, records: list[PredictionRecord]) -> None:
-    """Write to the prediction log; a failing store never fails the request."""
-    if store is None or not records:
+async def record(writer: StoreWriter | None, metrics: ExperimentMetrics, records: list[PredictionRecord]) -> None:
+    """Write to the prediction log; a failing store never fails the request (records are buffered)."""
+    if writer is None or not records:
         return
-    try:
-        await asyncio.to_thread(store.record, records)
-    except Exception:
+    if not await writer.write(records):
         metrics.store_errors.inc()
-        log.exception("could not write %d prediction record(s)", len(records))
 
 
 async def run_shadow(
     *,
-    store: ExperimentStore | None,
+    store: StoreWriter | None,
     metrics: ExperimentMetrics,
     experiments: Experiments,
     experiment: Experiment,

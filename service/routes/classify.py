@@ -222,10 +222,10 @@ async def _log_experiment(state: AppState, route: Route, request_id: str, logits
             role="primary", model=route.served.name, version=route.served.version, top5=top5, top5_scores=scores,
             latency_s=latency, created_at=now,
         ))
-    await record(state.store, state.experiment_metrics, primaries)
+    await record(state.store_writer, state.experiment_metrics, primaries)
     for position, (shadow, model) in enumerate(route.shadows, start=1):
         state.spawn(run_shadow(
-            store=state.store, metrics=state.experiment_metrics, experiments=state.experiments,
+            store=state.store_writer, metrics=state.experiment_metrics, experiments=state.experiments,
             experiment=route.experiment, shadow=shadow, served=model, request_id=request_id,
             arrays=[d[position] for d in decoded], primaries=primaries, timeout_s=state.settings.shadow_timeout_s,
         ))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import signal
 import time
 
@@ -12,29 +11,17 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
-from ..errors import BadRequestError, NotFoundError, ServiceError
+from ..errors import BadRequestError, NotFoundError, ServiceError, ServiceUnavailableError
 from ..experiments.config import Experiment, ExperimentConfigError
 from ..experiments.report import build_report
 from ..experiments.report_html import render_report_html
 from ..experiments.runtime import served_check_from_table
 from ..state import AppState
-from ..store.base import ConflictingFeedbackError, UnknownRequestError
+from .admin import require_admin
+from ..store.base import ConflictingFeedbackError, StoreError, UnknownRequestError
 
 router = APIRouter(tags=["experiments"])
 log = logging.getLogger(__name__)
-
-
-class UnauthorizedError(ServiceError):
-    status_code = 401
-    code = "unauthorized"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
-
-
-class ForbiddenError(ServiceError):
-    status_code = 403
-    code = "admin_disabled"
 
 
 class ConflictError(ServiceError):
@@ -52,15 +39,6 @@ def _experiment(state: AppState, name: str) -> Experiment:
         known = ", ".join(sorted(state.experiments.current)) or "none"
         raise NotFoundError(f"no experiment {name!r}; experiments: {known}. See GET /experiments")
     return experiment
-
-
-def _require_admin(request: Request) -> None:
-    token = _state(request).settings.admin_token
-    if token is None or not token.get_secret_value():
-        raise ForbiddenError("admin endpoints are disabled; set ARCHSERVE_ADMIN_TOKEN to enable them")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise UnauthorizedError("this endpoint needs 'Authorization: Bearer <admin token>'")
 
 
 def _describe(state: AppState, experiment: Experiment) -> dict:
@@ -89,7 +67,7 @@ async def get_experiment(request: Request, name: str) -> dict:
 
 @router.post("/experiments/reload", summary="Re-read the experiments file (admin token required)")
 async def reload_experiments(request: Request) -> dict:
-    _require_admin(request)
+    require_admin(request)
     state = _state(request)
     if state.settings.experiments_file is None:
         raise BadRequestError("no experiments file is configured; set ARCHSERVE_EXPERIMENTS_FILE and restart")
@@ -130,7 +108,15 @@ async def feedback(request: Request, body: Feedback) -> dict:
     state = _state(request)
     if state.store is None:
         raise NotFoundError("no experiments are configured, so no predictions are logged for feedback")
-    primary = await asyncio.to_thread(state.store.find_primary, body.request_id, body.image_index)
+    try:
+        primary = await asyncio.to_thread(state.store.find_primary, body.request_id, body.image_index)
+    except StoreError as exc:
+        raise ServiceUnavailableError(
+            f"the experiment store is unavailable, so feedback cannot be recorded now; retry later ({exc})",
+            retry_after_s=10,
+        ) from exc
+    if primary is None and state.store_writer is not None:
+        primary = state.store_writer.find_pending(body.request_id, body.image_index)
     if primary is None:
         raise NotFoundError(
             f"no logged prediction for request id {body.request_id!r} (image {body.image_index}); only requests "
@@ -143,6 +129,11 @@ async def feedback(request: Request, body: Feedback) -> dict:
         raise NotFoundError(str(exc)) from exc
     except ConflictingFeedbackError as exc:
         raise ConflictError(str(exc)) from exc
+    except StoreError as exc:
+        raise ServiceUnavailableError(
+            f"the experiment store is unavailable, so feedback cannot be recorded now; retry later ({exc})",
+            retry_after_s=10,
+        ) from exc
     if outcome == "created":
         labels = (primary.experiment, primary.variant)
         state.experiment_metrics.feedback.labels(*labels).inc()
@@ -185,7 +176,10 @@ async def _report(state: AppState, name: str) -> dict:
     experiment = _experiment(state, name)
     if state.store is None:
         raise NotFoundError("no experiment store is configured")
-    data = await asyncio.to_thread(state.store.experiment_data, name)
+    try:
+        data = await asyncio.to_thread(state.store.experiment_data, name)
+    except StoreError as exc:
+        raise ServiceUnavailableError(f"the experiment store is unavailable; retry later ({exc})", 10) from exc
     data.shadow_shed = {s: n for (e, s), n in state.experiments.shed.items() if e == name}
     labels = {}
     for variant in (*experiment.variants, *experiment.shadows):

@@ -20,6 +20,8 @@ async def live() -> dict:
 async def ready(request: Request) -> JSONResponse:
     state: AppState = request.app.state.archserve
     body = {"status": state.status if not state.shutting_down else "shutting_down", "ready": state.ready}
+    if state.store_writer is not None:
+        body["store"] = state.store_writer.status()  # degraded still serves: classification goes on
     if state.ready:
         body["models"] = [f"{m.name}/{m.version}" for m in state.models]
         body["loaded_in_s"] = round(state.loaded_in_s or 0.0, 3)

@@ -1,9 +1,11 @@
 """The experiment store: prediction log and feedback, behind a small interface.
 
 :class:`ExperimentStore` (``base``) is the interface, synchronous and thread-safe;
-:class:`SQLiteStore` (``sqlite``) the default implementation. Another database
-(PostgreSQL) is added by implementing :class:`ExperimentStore` and passing the same
-tests. The data going in and out are the plain dataclasses of ``records``.
+:class:`SQLiteStore` (``sqlite``) the default implementation, one file per machine;
+:class:`PostgresStore` (``postgres``, the ``postgres`` extra) one database shared by
+every replica. Both pass the same tests. :func:`open_store` (``factory``) opens the
+one a URL or path names. The data going in and out are the plain dataclasses of
+``records``.
 """
 
 from .base import (
@@ -21,7 +23,18 @@ from .records import (
     Role,
     ShadowPair,
 )
+from .factory import open_store
 from .sqlite import SQLiteStore
+
+
+def __getattr__(name: str):
+    # Imported on first use (and left out of __all__): psycopg is optional (the postgres extra).
+    if name == "PostgresStore":
+        from .postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ConflictingFeedbackError",
@@ -36,4 +49,5 @@ __all__ = [
     "ShadowPair",
     "StoreError",
     "UnknownRequestError",
+    "open_store",
 ]

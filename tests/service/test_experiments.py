@@ -169,3 +169,43 @@ def test_a_server_with_a_bad_experiments_file_does_not_start(experiment_repo, tm
     bad.write_text(EXPERIMENTS.replace("name: arch-ab", "name: resnet18"))
     with pytest.raises(ExperimentConfigError, match="has the name of a served model"):
         create_app(Settings(models_dir=experiment_repo, experiments_file=bad, store_path=tmp_path / "s.sqlite3"))
+
+
+def test_two_replicas_route_the_same_keys_the_same_way(experiment_repo, experiments_file, tmp_path):
+    keys = [f"user-{i}" for i in range(12)]
+    chosen = []
+    for replica in range(2):
+        with serve(experiment_repo, experiments_file, tmp_path / f"replica{replica}.sqlite3") as (url, _):
+            chosen.append([
+                httpx.post(f"{url}/classify/arch-ab", content=jpeg(), headers={"X-User-Id": k}, timeout=60)
+                .headers["X-Variant"] for k in keys
+            ])
+    assert chosen[0] == chosen[1] and len(set(chosen[0])) == 2
+
+
+def test_an_unreachable_store_degrades_but_never_fails_or_loses_a_request(
+    experiment_repo, experiments_file, tmp_path
+):
+    from service.store.base import StoreError
+
+    with serve(experiment_repo, experiments_file, tmp_path / "s.sqlite3") as (url, app):
+        state = app.state.archserve
+        real_record = state.store.record
+
+        def down(records):
+            raise StoreError("database unreachable (simulated outage)")
+
+        state.store.record = down
+        responses = [httpx.post(f"{url}/classify/arch-ab", content=jpeg(), headers={"X-User-Id": f"u{i}"}, timeout=60)
+                     for i in range(4)]
+        assert all(r.status_code == 200 for r in responses)
+        ready = httpx.get(f"{url}/health/ready").json()
+        assert ready["ready"] is True and ready["store"]["state"] == "degraded"
+        assert ready["store"]["pending_records"] >= 4
+        assert "archserve_store_up 0.0" in httpx.get(f"{url}/metrics").text
+
+        state.store.record = real_record  # the database is back: the buffer is written
+        wait_for(lambda: httpx.get(f"{url}/health/ready").json()["store"]["state"] == "ok", timeout=30)
+        for r in responses:  # nothing was lost: feedback finds every request
+            fb = httpx.post(f"{url}/feedback", json={"request_id": r.json()["request_id"], "label": 0})
+            assert fb.status_code == 200, fb.text

@@ -1,0 +1,207 @@
+"""Model lifecycle at run time: load, unload and hot reload of new versions.
+
+A new version is verified (manifest, sha256 of every file), its session
+created and warmed up, and its batcher started *before* the model table is
+swapped; requests that already hold the old version finish on it, and its
+batcher is drained and its session released after ``retire_after_s`` (the
+request deadline: no request can still be using it by then). A broken version
+never replaces a working one: the failure is logged, counted in
+``archserve_model_loads_total{outcome="failed"}`` and remembered, so polling
+does not retry it until its folder changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelrepo.layout import list_model_names, list_versions
+from modelrepo.manifest import MANIFEST_FILENAME
+
+from .engine import CUDA, ModelLoadError
+from .errors import BadRequestError, NotFoundError
+from .repository import ServedModel, load_model
+from .state import AppState
+
+log = logging.getLogger(__name__)
+_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
+
+
+class BrokenModelError(BadRequestError):
+    code = "model_load_failed"
+
+
+def resolve_model_dir(repository: Path, name: str) -> Path:
+    """The folder of model ``name``, refusing anything that is not a plain folder inside the repository."""
+    if not _MODEL_NAME.match(name) or ".." in name:
+        raise BadRequestError(
+            f"{name!r} is not a model name: use lowercase letters, digits, '_', '.' and '-' (no paths)"
+        )
+    root = repository.resolve()
+    folder = repository / name
+    if not folder.exists():
+        known = ", ".join(list_model_names(repository)) or "none"
+        raise NotFoundError(f"model {name!r} is not in the repository; it holds: {known}")
+    resolved = folder.resolve()
+    if resolved.parent != root:
+        raise BadRequestError(f"model folder {name!r} points outside the repository; refusing to load it")
+    return resolved
+
+
+def _fingerprint(version_dir: Path) -> tuple:
+    try:
+        stat = (version_dir / MANIFEST_FILENAME).stat()
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in version_dir.iterdir())
+        return stat.st_mtime_ns, stat.st_size, tuple(files)
+    except OSError:
+        return ()
+
+
+@dataclass
+class Lifecycle:
+    state: AppState
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    failed: dict[tuple[str, int], tuple[tuple, str]] = field(default_factory=dict)  # -> (fingerprint, reason)
+    unloaded: set[str] = field(default_factory=set)  # unloaded by hand: polling leaves them alone
+
+    @property
+    def retire_after_s(self) -> float:
+        return self.state.settings.request_timeout_s + 1.0
+
+    def _pinned(self) -> dict[str, int | None]:
+        pinned = {}
+        for entry in self.state.settings.models:
+            name, _, version = entry.partition("@")
+            pinned[name] = int(version) if version.isdigit() else None
+        return pinned
+
+    def _wanted_versions(self, name: str, on_disk: list[int]) -> list[int]:
+        pinned = self._pinned()
+        if pinned.get(name) is not None:
+            return [pinned[name]] if pinned[name] in on_disk else []
+        if self.state.settings.version_policy == "all":
+            return on_disk
+        return on_disk[-1:]
+
+    async def load(self, name: str, *, explicit: bool = True) -> list[ServedModel]:
+        """(Re)load what should be served of ``name``; returns the versions newly loaded."""
+        repository = self.state.settings.models_dir
+        folder = resolve_model_dir(repository, name)
+        on_disk = list_versions(folder)
+        if not on_disk:
+            raise NotFoundError(f"model {name!r} has no published version in {repository}/")
+        async with self.lock:
+            if explicit:
+                self.unloaded.discard(name)
+            served = self.state.models.versions(name)
+            wanted = self._wanted_versions(name, on_disk)
+            newly: list[ServedModel] = []
+            errors = []
+            for version in wanted:
+                if version in served:
+                    continue
+                version_dir = folder / str(version)
+                fingerprint = _fingerprint(version_dir)
+                known = self.failed.get((name, version))
+                if known and known[0] == fingerprint and not explicit:
+                    continue  # already reported; retried when the folder changes or on a load call
+                try:
+                    model = await asyncio.to_thread(
+                        load_model, name, version, self.state.settings, self.state.metrics
+                    )
+                    if self.state.settings.require_gpu and model.engine.provider != CUDA:
+                        raise ModelLoadError(f"require_gpu is set but {name} v{version} runs on {model.engine.provider}")
+                    await model.batcher.start()
+                except Exception as exc:  # ModelLoadError, or anything onnxruntime raises
+                    reason = str(exc)
+                    self.failed[(name, version)] = (fingerprint, reason)
+                    self.state.metrics.model_loads.labels(name, "failed").inc()
+                    log.error("model %s v%d was not loaded, still serving %s: %s", name, version,
+                              ", ".join(f"v{v}" for v in sorted(served)) or "nothing", reason)
+                    errors.append(f"v{version}: {reason}")
+                    continue
+                self.failed.pop((name, version), None)
+                self.state.metrics.model_loads.labels(name, "loaded").inc()
+                newly.append(model)
+            if newly:
+                keep = set(wanted) | {m.version for m in newly}
+                # A working old version stays if its replacement failed.
+                if errors:
+                    keep |= set(served)
+                retired = [m for v, m in served.items() if v not in keep]
+                self._swap(newly, retired)
+                log.info("now serving %s %s", name, ", ".join(f"v{m.version}" for m in self.state.models.versions(name).values()))
+            if errors and explicit:
+                raise BrokenModelError(
+                    f"model {name!r}: {'; '.join(errors)}; still serving "
+                    f"{', '.join(f'v{v}' for v in sorted(self.state.models.versions(name))) or 'nothing'}"
+                )
+            return newly
+
+    async def unload(self, name: str) -> list[int]:
+        resolve_model_dir(self.state.settings.models_dir, name)
+        async with self.lock:
+            served = list(self.state.models.versions(name).values())
+            if not served:
+                raise NotFoundError(f"model {name!r} is not loaded")
+            self.unloaded.add(name)
+            self._swap([], served)
+            return sorted(m.version for m in served)
+
+    def _swap(self, added: list[ServedModel], retired: list[ServedModel]) -> None:
+        self.state.models = self.state.models.with_models(added, retired)
+        for model in retired:
+            self.state.metrics.model_info.remove(
+                model.name, str(model.version), model.manifest.architecture, model.engine.precision,
+                model.engine.provider, model.manifest.weights.source,
+            )
+            self.state.spawn(self._retire(model), daemon=True)
+
+    async def _retire(self, model: ServedModel) -> None:
+        """Let requests already holding ``model`` finish, then release its session."""
+        try:
+            await asyncio.sleep(self.retire_after_s)
+        finally:
+            await model.batcher.close(drain=True, timeout=self.state.settings.graceful_shutdown_s)
+            log.info("released %s v%d", model.name, model.version)
+
+    async def poll_once(self) -> None:
+        repository = self.state.settings.models_dir
+        selected = set(self._pinned()) or set(list_model_names(repository))
+        for name in sorted(selected - self.unloaded):
+            try:
+                await self.load(name, explicit=False)
+            except (NotFoundError, BadRequestError) as exc:
+                log.debug("hot reload skipped %s: %s", name, exc)
+
+    async def run_polling(self) -> None:
+        interval = self.state.settings.poll_interval_s
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            if self.state.ready and not self.state.shutting_down:
+                try:
+                    await self.poll_once()
+                except Exception:
+                    log.exception("repository poll failed")
+
+    def index(self) -> list[dict]:
+        """Every model version in the repository and whether it is served (Triton's repository index)."""
+        repository = self.state.settings.models_dir
+        entries = []
+        for name in list_model_names(repository):
+            served = self.state.models.versions(name)
+            for version in list_versions(repository / name):
+                entry = {"name": name, "version": str(version)}
+                if version in served:
+                    entry["state"] = "READY"
+                else:
+                    entry["state"] = "UNAVAILABLE"
+                    failure = self.failed.get((name, version))
+                    entry["reason"] = failure[1] if failure else "not loaded"
+                entries.append(entry)
+        return entries

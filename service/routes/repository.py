@@ -1,0 +1,35 @@
+"""The Open Inference Protocol's model repository extension: index, load, unload (admin)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..lifecycle import Lifecycle
+from .admin import require_admin
+
+router = APIRouter(tags=["model repository"])
+
+
+def _lifecycle(request: Request) -> Lifecycle:
+    return request.app.state.lifecycle
+
+
+@router.post("/v2/repository/index", summary="Every model version in the repository and its state")
+async def index(request: Request) -> list[dict]:
+    return _lifecycle(request).index()
+
+
+@router.post("/v2/repository/models/{model}/load", summary="Load (or reload) a model (admin token required)")
+async def load(request: Request, model: str) -> dict:
+    require_admin(request)
+    lifecycle = _lifecycle(request)
+    await lifecycle.load(model)
+    versions = sorted(lifecycle.state.models.versions(model))
+    return {"name": model, "versions": [str(v) for v in versions], "state": "READY"}
+
+
+@router.post("/v2/repository/models/{model}/unload", summary="Stop serving a model (admin token required)")
+async def unload(request: Request, model: str) -> dict:
+    require_admin(request)
+    versions = await _lifecycle(request).unload(model)
+    return {"name": model, "unloaded_versions": [str(v) for v in versions], "state": "UNAVAILABLE"}

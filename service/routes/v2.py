@@ -1,0 +1,258 @@
+"""The Open Inference Protocol (KServe v2) REST data plane: health, metadata, inference.
+
+Inference goes through the same batcher, limits and metrics as ``/classify``;
+parsing and encoding are in :mod:`service.v2.codec`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from .. import batching
+from ..body import read_limited
+from ..errors import (
+    DeadlineExceededError,
+    InferenceError,
+    NotFoundError,
+    QueueFullError,
+    ServiceError,
+    ServiceUnavailableError,
+    UnsupportedMediaTypeError,
+)
+from ..metrics import UNKNOWN_MODEL
+from ..preprocess import decode_image
+from ..repository import ServedModel
+from ..state import AppState
+from ..v2 import codec, schemas
+from ..v2.metadata import EXTENSIONS, model_io, model_metadata, server_metadata
+from .classify import ClientGone, _until_disconnected
+
+router = APIRouter(tags=["open inference protocol (v2)"])
+
+_ERRORS = {
+    400: {"model": schemas.ErrorResponse, "description": "Invalid request (the message says what is wrong)"},
+    404: {"model": schemas.ErrorResponse, "description": "Unknown model or version (the message lists what is served)"},
+}
+_INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "The inference request JSON; with the binary tensor data extension, the JSON (its length in the "
+            "Inference-Header-Content-Length header) followed by the raw tensor bytes."
+        ),
+        "content": {
+            "application/json": {"schema": schemas.inline_schema(schemas.InferenceRequest)},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_PARSE_INLINE_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
+_ENCODE_INLINE_VALUES = 16 * 1024  # and larger JSON outputs encoded off it
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.archserve
+
+
+def _lookup(state: AppState, name: str, version: str | None) -> ServedModel:
+    if version is None:
+        return state.models.get(name)
+    if not version.isascii() or not version.isdigit() or int(version) < 1:
+        state.models.get(name)  # an unknown model says so first
+        served = ", ".join(map(str, sorted(state.models.versions(name))))
+        raise NotFoundError(
+            f"model {name!r} has no version {version!r}: versions are positive integers; served versions: {served}"
+        )
+    return state.models.get(name, int(version))
+
+
+# ----------------------------------------------------------------------------- health and metadata
+
+
+@router.get("/v2", response_model=schemas.ServerMetadata, summary="Server metadata")
+async def get_server_metadata(request: Request) -> dict:
+    paths = {getattr(route, "path", None) for route in request.app.routes}
+    extensions = list(EXTENSIONS) + (["model_repository"] if "/v2/repository/index" in paths else [])
+    return server_metadata(request.app.version, extensions)
+
+
+@router.get("/v2/health/live", response_model=schemas.LiveResponse, summary="Server live")
+async def server_live() -> dict:
+    return {"live": True}
+
+
+@router.get(
+    "/v2/health/ready", response_model=schemas.ReadyResponse, summary="Server ready (503 until every model is)"
+)
+async def server_ready(request: Request) -> JSONResponse:
+    state = _state(request)
+    if state.ready and not state.shutting_down:
+        return JSONResponse({"ready": True})
+    return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/v2/models/{model}", response_model=schemas.ModelMetadata, responses=_ERRORS, summary="Model metadata")
+async def get_model_metadata(request: Request, model: str) -> dict:
+    state = _state(request)
+    served = _lookup(state, model, None)
+    return model_metadata(served, state.models.versions(model))
+
+
+@router.get(
+    "/v2/models/{model}/versions/{version}", response_model=schemas.ModelMetadata, responses=_ERRORS,
+    summary="Model version metadata",
+)
+async def get_model_version_metadata(request: Request, model: str, version: str) -> dict:
+    state = _state(request)
+    served = _lookup(state, model, version)
+    return model_metadata(served, state.models.versions(model))
+
+
+@router.get("/v2/models/{model}/ready", response_model=schemas.ReadyResponse, responses=_ERRORS, summary="Model ready")
+async def model_ready(request: Request, model: str) -> dict:
+    return _model_ready(request, model, None)
+
+
+@router.get(
+    "/v2/models/{model}/versions/{version}/ready", response_model=schemas.ReadyResponse, responses=_ERRORS,
+    summary="Model version ready",
+)
+async def model_version_ready(request: Request, model: str, version: str) -> dict:
+    return _model_ready(request, model, version)
+
+
+def _model_ready(request: Request, model: str, version: str | None) -> dict:
+    state = _state(request)
+    state.require_ready()  # 503 while loading or shutting down
+    _lookup(state, model, version)  # 404 with what is served
+    return {"ready": True}
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@router.post(
+    "/v2/models/{model}/infer", openapi_extra=_INFER_DOC, response_model=schemas.InferenceResponse,
+    responses=_ERRORS, summary="Inference with the latest served version",
+)
+async def infer(request: Request, model: str) -> Response:
+    return await _infer(request, model, None)
+
+
+@router.post(
+    "/v2/models/{model}/versions/{version}/infer", openapi_extra=_INFER_DOC,
+    response_model=schemas.InferenceResponse, responses=_ERRORS, summary="Inference with one version",
+)
+async def infer_version(request: Request, model: str, version: str) -> Response:
+    return await _infer(request, model, version)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    state = _state(request)
+    settings = state.settings
+    arrived = time.monotonic()
+    model_label, version_label = UNKNOWN_MODEL, ""
+    code = 500
+    in_flight = None
+    try:
+        state.require_ready()
+        served = _lookup(state, name, version)
+        model_label, version_label = served.name, str(served.version)
+        in_flight = state.metrics.in_flight.labels(model_label, version_label)
+        in_flight.inc()
+        deadline = arrived + settings.request_timeout_s
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise UnsupportedMediaTypeError(
+                f"Content-Encoding {encoding!r} is not supported; send the request body uncompressed"
+            )
+        body = await read_limited(request, settings.max_body_bytes)
+        io = model_io(served)
+        args = (
+            body, request.headers.get(codec.HEADER_LENGTH), io, settings.max_images_per_request,
+            settings.max_body_bytes,
+        )
+        if len(body) > _PARSE_INLINE_BYTES:
+            parsed = await asyncio.get_running_loop().run_in_executor(
+                state.decode_pool, lambda: codec.parse_infer_request(*args)
+            )
+        else:
+            parsed = codec.parse_infer_request(*args)
+        logits = await _until_disconnected(request, _run(state, served, parsed, deadline))
+        encode_args = (parsed, io, served.name, str(served.version), parsed.id or uuid.uuid4().hex, logits)
+        if logits.size > _ENCODE_INLINE_VALUES and not all(o.binary for o in parsed.outputs):
+            encoded = await asyncio.get_running_loop().run_in_executor(
+                state.decode_pool, lambda: codec.encode_infer_response(*encode_args)
+            )
+        else:
+            encoded = codec.encode_infer_response(*encode_args)
+        code = 200
+        state.metrics.images.labels(model_label, version_label).inc(parsed.input.count)
+        return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers())
+    except ServiceError as exc:
+        code = exc.status_code
+        raise
+    except ClientGone:
+        code = 499  # as /classify: the client left; nothing of the request is left in the queue
+        return Response(status_code=499)
+    finally:
+        if in_flight is not None:
+            in_flight.dec()
+        state.metrics.requests.labels(model_label, version_label, str(code)).inc()
+        state.metrics.request_latency.labels(model_label, version_label).observe(time.monotonic() - arrived)
+
+
+async def _run(state: AppState, served: ServedModel, parsed: codec.InferRequest, deadline: float) -> np.ndarray:
+    """Pixels straight to the batcher, or encoded images decoded in the pool first; logits ``[N, classes]``."""
+    settings = state.settings
+    image = parsed.input
+    if image.pixels is not None:
+        arrays = list(image.pixels)  # N views of the request's array: the batch is the only copy
+    else:
+        arrays = await _decode_all(state, served, image)
+        if time.monotonic() > deadline:
+            raise DeadlineExceededError(
+                f"the request's deadline of {settings.request_timeout_s:g}s passed while decoding; "
+                "retry, or send smaller images"
+            )
+    try:
+        rows = await served.batcher.submit_many(arrays, deadline=deadline)
+    except batching.QueueFullError as exc:
+        raise QueueFullError(
+            f"{served.name} v{served.version} has {served.batcher.queue_depth} images queued, at its limit; "
+            "retry after a moment"
+        ) from exc
+    except batching.DeadlineExceededError as exc:
+        raise DeadlineExceededError(
+            f"no result within the request deadline of {settings.request_timeout_s:g}s; the server is overloaded, "
+            "retry later"
+        ) from exc
+    except batching.BatcherClosedError as exc:
+        raise ServiceUnavailableError("the model is shutting down; retry on another replica") from exc
+    except batching.BatchFailedError as exc:
+        raise InferenceError(f"inference failed for {served.name} v{served.version}: {exc.__cause__ or exc}") from exc
+    return np.stack(rows)
+
+
+async def _decode_all(state: AppState, served: ServedModel, image: codec.ImageInput) -> list[np.ndarray]:
+    loop = asyncio.get_running_loop()
+    histogram = state.metrics.preprocess_latency.labels(served.name, str(served.version))
+
+    def decode(index: int, data: bytes) -> np.ndarray:
+        started = time.monotonic()
+        try:
+            return decode_image(data, served.preprocess)
+        except ServiceError as exc:  # say which element; keep the status (400, 413 or 415)
+            raise type(exc)(f"input {image.name!r} element {index}: {exc.message}") from exc
+        finally:
+            histogram.observe(time.monotonic() - started)
+
+    return list(await asyncio.gather(
+        *(loop.run_in_executor(state.decode_pool, decode, i, data) for i, data in enumerate(image.encoded))
+    ))

@@ -1,0 +1,544 @@
+"""The experiment store in PostgreSQL: shared by every replica, bounded retention.
+
+Several replicas (and worker processes) share one database, so feedback may reach
+another replica than the one that served the request. Each store holds a
+:class:`psycopg_pool.ConnectionPool` (``pool_min``..``pool_max`` connections,
+checked before use so a restarted server costs no failed request) and is safe to
+call from several threads at once.
+
+Consistency: every write is one transaction. ``record`` inserts with
+``ON CONFLICT DO NOTHING`` (a retried batch does no harm); ``add_feedback`` locks
+the primary prediction (``FOR KEY SHARE``, so retention cannot remove it under
+the feedback) and inserts with ``ON CONFLICT DO NOTHING``: of several concurrent
+calls for one image, on any replicas, exactly one creates the feedback, the
+others see its label (``"duplicate"`` or :class:`ConflictingFeedbackError`).
+Reads run in ``REPEATABLE READ`` transactions, so a report sees one snapshot.
+
+Schema: created on first use (``CREATE TABLE IF NOT EXISTS``) in the first schema
+of the connection's ``search_path`` (``public`` unless the URL says otherwise,
+e.g. ``?options=-c%20search_path%3Darchserve``); ``archserve_schema_version``
+holds its version. Creation and migrations run under a transaction-level advisory
+lock, so replicas starting together do not race.
+
+Retention: as in :class:`~service.store.sqlite.SQLiteStore`: predictions older than
+``retention_days`` and, beyond ``max_predictions`` rows, the oldest go, with the
+feedback of images left without a primary prediction; on open and after every
+``prune_every`` rows this store inserted. Retention passes of several replicas
+take turns (another advisory lock).
+
+Credentials: the URL's password is never logged nor put in a message or repr.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import conninfo as pg_conninfo
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from .base import (
+    ConflictingFeedbackError,
+    ExperimentStore,
+    FeedbackOutcome,
+    StoreError,
+    UnknownRequestError,
+)
+from .records import ExperimentData, LabelledPrediction, PredictionRecord, ShadowPair
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # archserve_schema_version.version of a database this code writes
+
+# Text columns compare and sort bytewise (COLLATE "C"), as in SQLite, whatever the database's locale.
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS predictions (
+        id          bigint GENERATED ALWAYS AS IDENTITY,  -- insertion order, to break ties on created_at
+        request_id  text COLLATE "C" NOT NULL,
+        image_index bigint NOT NULL,
+        experiment  text COLLATE "C" NOT NULL,
+        variant     text COLLATE "C" NOT NULL,
+        role        text COLLATE "C" NOT NULL CHECK (role IN ('primary', 'shadow')),
+        model       text COLLATE "C" NOT NULL,
+        version     bigint NOT NULL,
+        top5        bigint[] NOT NULL,            -- class indices, best first
+        top5_scores double precision[] NOT NULL,  -- probabilities matching top5
+        latency_s   double precision NOT NULL,
+        created_at  double precision NOT NULL,    -- unix time
+        PRIMARY KEY (request_id, image_index, role, variant)
+    )
+    """,
+    # The primary key's index serves look-ups by (request_id, image_index[, role]).
+    "CREATE INDEX IF NOT EXISTS predictions_by_experiment ON predictions (experiment, created_at)",
+    "CREATE INDEX IF NOT EXISTS predictions_by_age ON predictions (created_at, id)",  # retention, oldest first
+    """
+    CREATE TABLE IF NOT EXISTS feedback (
+        request_id  text COLLATE "C" NOT NULL,
+        image_index bigint NOT NULL,
+        label       bigint NOT NULL,
+        received_at double precision NOT NULL,  -- unix time
+        PRIMARY KEY (request_id, image_index)
+    )
+    """,
+)
+_VERSION_TABLE = """
+    CREATE TABLE IF NOT EXISTS archserve_schema_version (
+        singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        version    integer NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )
+"""
+
+# Statements that take a database from version N-1 to N, for N in 2..SCHEMA_VERSION.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+
+# Advisory lock keys (first half; the second is a hash of the schema, so each schema has its own).
+_MIGRATION_LOCK = 0x41726D31  # "Arm1"
+_PRUNE_LOCK = 0x41727031  # "Arp1"
+_LOCK_ARGS = "%s, hashtext(coalesce(current_schema(), ''))"
+
+_COLUMNS = (
+    "request_id, image_index, experiment, variant, role, model, version, top5, top5_scores, latency_s, created_at"
+)  # the order of PredictionRecord's fields
+_N_COLUMNS = 11
+_INSERT = f"INSERT INTO predictions ({_COLUMNS}) VALUES ({', '.join(['%s'] * _N_COLUMNS)}) ON CONFLICT DO NOTHING"
+_PRUNE_CHUNK = 5000  # rows deleted per transaction, so other writers wait briefly
+_DAY_S = 86400.0
+
+
+def _columns(alias: str) -> str:
+    return ", ".join(f"{alias}.{c.strip()}" for c in _COLUMNS.split(","))
+
+
+def _text(value: object, what: str, request_id: object) -> str:
+    text = str(value)
+    if "\x00" in text:
+        raise ValueError(f"{what} must not contain NUL characters (request {request_id!r})")
+    return text
+
+
+def _row_of(record: PredictionRecord) -> tuple:
+    """Validate one record and turn it into a row; the same checks as the SQLite store."""
+    if record.role not in ("primary", "shadow"):
+        raise ValueError(f"role must be 'primary' or 'shadow', not {record.role!r} (request {record.request_id!r})")
+    if not record.request_id:
+        raise ValueError("a prediction record needs a non-empty request_id")
+    image_index = operator.index(record.image_index)
+    if image_index < 0:
+        raise ValueError(f"image_index must be >= 0, not {image_index} (request {record.request_id!r})")
+    if len(record.top5) != len(record.top5_scores):
+        raise ValueError(
+            f"top5 has {len(record.top5)} classes but top5_scores {len(record.top5_scores)} scores "
+            f"(request {record.request_id!r}, variant {record.variant!r}); they must match"
+        )
+    rid = record.request_id
+    return (
+        _text(rid, "request_id", rid),
+        image_index,
+        _text(record.experiment, "experiment", rid),
+        _text(record.variant, "variant", rid),
+        record.role,
+        _text(record.model, "model", rid),
+        operator.index(record.version),
+        [operator.index(c) for c in record.top5],
+        [float(s) for s in record.top5_scores],
+        float(record.latency_s),
+        float(record.created_at),
+    )
+
+
+def _record_of(row: Sequence, start: int = 0) -> PredictionRecord:
+    r = row[start : start + _N_COLUMNS]
+    return PredictionRecord(
+        request_id=r[0],
+        image_index=r[1],
+        experiment=r[2],
+        variant=r[3],
+        role=r[4],
+        model=r[5],
+        version=r[6],
+        top5=tuple(r[7]),
+        top5_scores=tuple(r[8]),
+        latency_s=r[9],
+        created_at=r[10],
+    )
+
+
+def describe_url(url: str) -> str:
+    """``user@host:port/dbname`` of a libpq URL or conninfo string; never the password."""
+    try:
+        params = pg_conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "an unparsable PostgreSQL URL"
+    host = str(params.get("host") or params.get("hostaddr") or "the local socket")
+    port = str(params.get("port") or "5432")
+    user = params.get("user")
+    where = f"{host}:{port}/{params.get('dbname') or user or '(default database)'}"
+    return f"{user}@{where}" if user else where
+
+
+class PostgresStore(ExperimentStore):
+    def __init__(
+        self,
+        url: str,
+        *,
+        retention_days: float = 30,
+        max_predictions: int = 1_000_000,
+        prune_every: int = 1000,
+        pool_min: int = 1,
+        pool_max: int = 8,
+        connect_timeout_s: float = 5,
+    ) -> None:
+        if not (retention_days > 0 and math.isfinite(retention_days)):
+            raise ValueError(f"retention_days must be a positive number of days, not {retention_days!r}")
+        if max_predictions < 1:
+            raise ValueError(f"max_predictions must be at least 1, not {max_predictions!r}")
+        if prune_every < 1:
+            raise ValueError(f"prune_every must be at least 1, not {prune_every!r}")
+        if pool_min < 0 or pool_max < max(pool_min, 1):
+            raise ValueError(f"need 0 <= pool_min <= pool_max and pool_max >= 1, not {pool_min!r}..{pool_max!r}")
+        if not connect_timeout_s > 0:
+            raise ValueError(f"connect_timeout_s must be > 0, not {connect_timeout_s!r}")
+        try:
+            params = pg_conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError:
+            # libpq's message quotes the string, password included: not shown.
+            raise StoreError(
+                "cannot parse the PostgreSQL URL (not shown: it may hold a password); expected "
+                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE[?options]; check ARCHSERVE_STORE_URL"
+            ) from None
+        self.retention_days = float(retention_days)
+        self.max_predictions = int(max_predictions)
+        self.prune_every = int(prune_every)
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.where = describe_url(url)
+        self._password = str(params.get("password") or "") or None
+        self._lock = threading.Lock()
+        self._inserted_since_prune = 0
+        self._pool: ConnectionPool | None = None
+
+        # libpq's connect_timeout is whole seconds, at least 2.
+        connect_kwargs = {"connect_timeout": max(2, math.ceil(self.connect_timeout_s)), "autocommit": True}
+        # One direct connection first: it reports why the server cannot be reached (the pool would only time out),
+        # and it creates or migrates the schema before any request is served.
+        try:
+            conn = psycopg.connect(url, application_name="archserve", **connect_kwargs)
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"cannot reach PostgreSQL at {self.where}: {self._scrub(str(exc).strip())}; check "
+                "ARCHSERVE_STORE_URL (host, port, database, user and password) and that the server is up"
+            ) from None
+        try:
+            with conn, self._errors("create or migrate the schema"):
+                self._migrate(conn)
+        except BaseException:
+            if not conn.closed:
+                conn.close()
+            raise
+
+        pool = ConnectionPool(
+            url,
+            min_size=int(pool_min),
+            max_size=int(pool_max),
+            kwargs={"application_name": "archserve", **connect_kwargs},
+            timeout=max(10.0, 2 * self.connect_timeout_s),  # waiting for a free connection
+            check=ConnectionPool.check_connection,  # drop connections a server restart broke before using them
+            num_workers=2,
+            name=f"archserve-store {self.where}",
+            open=False,
+        )
+        try:
+            pool.open(wait=pool_min > 0, timeout=max(10.0, 2 * self.connect_timeout_s))
+        except PoolTimeout:
+            pool.close()
+            raise StoreError(
+                f"cannot reach PostgreSQL at {self.where}: no connection within "
+                f"{max(10.0, 2 * self.connect_timeout_s):g} s (is max_connections exhausted?); "
+                "check ARCHSERVE_STORE_URL and the server"
+            ) from None
+        self._pool = pool
+        try:
+            self.prune(time.time())
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the interface --------------------------------------------------------------------------
+
+    def record(self, records: Sequence[PredictionRecord]) -> None:
+        rows = [_row_of(r) for r in records]
+        if not rows:
+            return
+        with self._connection("record predictions") as conn, conn.transaction(), conn.cursor() as cur:
+            cur.executemany(_INSERT, rows)
+            inserted = cur.rowcount
+        if inserted < len(rows):
+            log.warning(
+                "%d of %d prediction records were already stored under the same (request_id, image_index, role, "
+                "variant) and were kept as first written; is a client reusing X-Request-ID?",
+                len(rows) - inserted,
+                len(rows),
+            )
+        with self._lock:
+            self._inserted_since_prune += max(inserted, 0)
+            due = self._inserted_since_prune >= self.prune_every
+            if due:
+                self._inserted_since_prune = 0
+        if due:
+            try:
+                self.prune(time.time())
+            except StoreError as exc:  # the records are in; retention catches up next time
+                log.warning("retention pass after recording failed: %s", exc)
+
+    def add_feedback(self, request_id: str, image_index: int, label: int, received_at: float) -> FeedbackOutcome:
+        image_index = operator.index(image_index)
+        label = operator.index(label)
+        if label < 0:
+            raise ValueError(f"label must be a class index >= 0, not {label}")
+        request_id = str(request_id)
+        with self._connection("record feedback") as conn, conn.transaction():
+            # FOR KEY SHARE: retention cannot delete the primary until this transaction ends.
+            known = None
+            if "\x00" not in request_id:  # PostgreSQL text cannot hold NUL: no such prediction was stored
+                known = conn.execute(
+                    "SELECT 1 FROM predictions WHERE request_id = %s AND image_index = %s AND role = 'primary' "
+                    "LIMIT 1 FOR KEY SHARE",
+                    (request_id, image_index),
+                ).fetchone()
+            if known is None:
+                raise self._unknown(request_id, image_index)
+            # The insert waits for a concurrent insert of the same image to commit or roll back, then
+            # inserts or does nothing; the select that follows (a new snapshot) sees the winner's label.
+            for _ in range(3):
+                created = conn.execute(
+                    "INSERT INTO feedback (request_id, image_index, label, received_at) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (request_id, image_index) DO NOTHING RETURNING 1",
+                    (request_id, image_index, label, float(received_at)),
+                ).fetchone()
+                if created is not None:
+                    return "created"
+                existing = conn.execute(
+                    "SELECT label FROM feedback WHERE request_id = %s AND image_index = %s",
+                    (request_id, image_index),
+                ).fetchone()
+                if existing is not None:
+                    break
+            else:  # removed each time between the two statements: cannot happen while the primary is locked
+                raise StoreError(
+                    f"cannot record feedback for image {image_index} of request {request_id!r}: it kept changing "
+                    "under concurrent writes; retry"
+                )
+            if existing[0] == label:
+                return "duplicate"
+            raise ConflictingFeedbackError(
+                f"image {image_index} of request {request_id!r} already has label {existing[0]}, not {label}; "
+                "feedback cannot be changed once given",
+                request_id=request_id,
+                image_index=image_index,
+                existing_label=existing[0],
+                label=label,
+            )
+
+    def find_primary(self, request_id: str, image_index: int = 0) -> PredictionRecord | None:
+        image_index = operator.index(image_index)
+        if "\x00" in str(request_id):
+            self._check_open("look up a prediction")
+            return None
+        with self._connection("look up a prediction") as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM predictions WHERE request_id = %s AND image_index = %s "
+                "AND role = 'primary' ORDER BY created_at DESC, id DESC LIMIT 1",
+                (str(request_id), image_index),
+            ).fetchone()
+        return None if row is None else _record_of(row)
+
+    def experiment_data(self, experiment: str, since: float | None = None) -> ExperimentData:
+        data = ExperimentData(experiment=experiment)
+        if "\x00" in str(experiment):
+            self._check_open("read the experiment's data")
+            return data
+        where = "p.experiment = %s AND p.role = 'primary'"
+        params: tuple = (str(experiment),)
+        if since is not None:
+            where += " AND p.created_at >= %s"
+            params += (float(since),)
+        with self._connection("read the experiment's data") as conn, self._snapshot(conn), conn.cursor() as cur:
+            # stream(): rows arrive in chunks, never the whole result in memory at once.
+            for row in cur.stream(
+                f"SELECT {_columns('p')}, f.label, f.received_at FROM predictions AS p "
+                "LEFT JOIN feedback AS f ON f.request_id = p.request_id AND f.image_index = p.image_index "
+                f"WHERE {where} ORDER BY p.created_at, p.id",
+                params,
+                size=1000,
+            ):
+                data.primaries.append(
+                    LabelledPrediction(_record_of(row), label=row[_N_COLUMNS], labelled_at=row[_N_COLUMNS + 1])
+                )
+            for row in cur.stream(
+                f"SELECT {_columns('p')}, {_columns('s')} FROM predictions AS p "
+                "JOIN predictions AS s ON s.request_id = p.request_id AND s.image_index = p.image_index "
+                "AND s.role = 'shadow' AND s.experiment = p.experiment "
+                f"WHERE {where} ORDER BY p.created_at, p.id, s.variant",
+                params,
+                size=1000,
+            ):
+                data.shadow_pairs.append(ShadowPair(primary=_record_of(row), shadow=_record_of(row, _N_COLUMNS)))
+        return data
+
+    def prune(self, now: float) -> int:
+        """Apply retention as of ``now``; return the rows removed, predictions and feedback together.
+
+        Deletes oldest first, in transactions of a few thousand rows; one replica at a time.
+        """
+        cutoff = float(now) - self.retention_days * _DAY_S
+        removed = 0
+        while True:
+            with self._connection("apply retention") as conn, conn.transaction():
+                conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ARGS})", (_PRUNE_LOCK,))
+                aged, total = conn.execute(
+                    "SELECT count(*) FILTER (WHERE created_at < %s), count(*) FROM predictions", (cutoff,)
+                ).fetchone()
+                due = max(aged, total - self.max_predictions)
+                if due <= 0:
+                    return removed
+                deleted = conn.execute(
+                    "DELETE FROM predictions AS p USING ("
+                    "SELECT request_id, image_index, role, variant FROM predictions ORDER BY created_at, id LIMIT %s"
+                    ") AS d WHERE p.request_id = d.request_id AND p.image_index = d.image_index "
+                    "AND p.role = d.role AND p.variant = d.variant RETURNING p.request_id, p.image_index, p.role",
+                    (min(due, _PRUNE_CHUNK),),
+                ).fetchall()
+                removed += len(deleted)
+                images = sorted({(d[0], d[1]) for d in deleted if d[2] == "primary"})
+                if images:  # feedback of images left without a primary prediction
+                    cur = conn.execute(
+                        "DELETE FROM feedback AS f USING unnest(%s::text[], %s::bigint[]) AS d(request_id, image_index) "
+                        "WHERE f.request_id = d.request_id AND f.image_index = d.image_index AND NOT EXISTS ("
+                        "SELECT 1 FROM predictions AS p WHERE p.request_id = f.request_id "
+                        "AND p.image_index = f.image_index AND p.role = 'primary')",
+                        ([i[0] for i in images], [i[1] for i in images]),
+                    )
+                    removed += max(cur.rowcount, 0)
+                if not deleted:  # nothing left to remove after all (removed concurrently)
+                    return removed
+
+    def counts(self) -> dict[str, int]:
+        with self._connection("count rows") as conn, self._snapshot(conn):
+            (predictions,) = conn.execute("SELECT count(*) FROM predictions").fetchone()
+            (feedback,) = conn.execute("SELECT count(*) FROM feedback").fetchone()
+        return {"predictions": predictions, "feedback": feedback}
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(timeout=5.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"PostgresStore({self.where!r}, retention_days={self.retention_days:g}, "
+            f"max_predictions={self.max_predictions})"
+        )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without the password (in case a driver message ever quotes the URL)."""
+        return text.replace(self._password, "***") if self._password else text
+
+    def _unknown(self, request_id: str, image_index: int) -> UnknownRequestError:
+        return UnknownRequestError(
+            f"no prediction with request id {request_id!r} (image {image_index}); check the X-Request-ID "
+            f"that /classify returned and the image's position in that request; predictions older than "
+            f"the {self.retention_days:g}-day retention (or the oldest beyond {self.max_predictions:,}) "
+            "are removed",
+            request_id=request_id,
+            image_index=image_index,
+        )
+
+    def _check_open(self, action: str) -> None:
+        if self._pool is None:
+            raise StoreError(f"cannot {action}: the experiment store at {self.where} is closed; open a new store")
+
+    @contextmanager
+    def _connection(self, action: str) -> Iterator[psycopg.Connection]:
+        """A connection from the pool; PostgreSQL's and the pool's errors become StoreError."""
+        pool = self._pool
+        if pool is None:
+            raise StoreError(f"cannot {action}: the experiment store at {self.where} is closed; open a new store")
+        with self._errors(action):
+            try:
+                with pool.connection() as conn:
+                    yield conn
+            except PoolClosed:
+                raise StoreError(
+                    f"cannot {action}: the experiment store at {self.where} is closed; open a new store"
+                ) from None
+            except PoolTimeout:
+                raise StoreError(
+                    f"cannot {action}: no connection to PostgreSQL at {self.where} within {pool.timeout:g} s "
+                    "(the server is down or unreachable, or all connections are busy); retry, and check the "
+                    "server and ARCHSERVE_STORE_URL"
+                ) from None
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.OperationalError as exc:
+            raise StoreError(
+                f"cannot {action}: lost PostgreSQL at {self.where} ({self._scrub(str(exc).strip())}); retry, "
+                "and check the server and ARCHSERVE_STORE_URL"
+            ) from None
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"cannot {action} in PostgreSQL at {self.where}: {self._scrub(str(exc).strip())}"
+            ) from None
+
+    @staticmethod
+    @contextmanager
+    def _snapshot(conn: psycopg.Connection) -> Iterator[None]:
+        """A read-only transaction that sees one snapshot throughout."""
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield
+
+    def _migrate(self, conn: psycopg.Connection) -> None:
+        with conn.transaction():
+            (schema,) = conn.execute("SELECT current_schema()").fetchone()
+            if schema is None:
+                raise StoreError(
+                    f"PostgreSQL at {self.where}: no schema of the search_path exists to create the store's "
+                    "tables in; create it, or fix the search_path option of ARCHSERVE_STORE_URL"
+                )
+            # Replicas starting together wait here for the first to finish; none sees half a schema.
+            conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ARGS})", (_MIGRATION_LOCK,))
+            conn.execute(_VERSION_TABLE)
+            row = conn.execute("SELECT version FROM archserve_schema_version").fetchone()
+            version = 0 if row is None else row[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"PostgreSQL at {self.where} (schema {schema!r}) has schema version {version}, newer than this "
+                    f"archserve supports ({SCHEMA_VERSION}); upgrade archserve or use another database or schema"
+                )
+            if version == SCHEMA_VERSION:
+                return  # up to date: touch nothing (CREATE INDEX IF NOT EXISTS would lock out writers briefly)
+            if version:  # an existing database: bring it up to date; a new one gets _SCHEMA as is
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[target]:
+                        conn.execute(statement)
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO archserve_schema_version (singleton, version) VALUES (true, %s) "
+                "ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version, updated_at = now()",
+                (SCHEMA_VERSION,),
+            )
+            log.info("experiment store at %s: schema %r at version %d", self.where, schema, SCHEMA_VERSION)
