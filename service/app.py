@@ -23,7 +23,8 @@ from .routes import classify, experiments, health, models, repository
 from .routes import v2
 from .settings import Settings
 from .state import AppState
-from .store.sqlite import SQLiteStore
+from .store.factory import is_postgres_url, open_store
+from .store.lazy import LazyStore
 from .store.writer import StoreWriter
 
 log = logging.getLogger("archserve")
@@ -67,10 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.experiments_file is not None:
         # A bad experiments file stops the server here, before it listens.
         experiment_set.load(served_check_from_plan(plan_versions(settings)))
-        store = SQLiteStore(
-            settings.store_path, retention_days=settings.store_retention_days,
-            max_predictions=settings.store_max_predictions,
-        )
+        store = _open_store(settings)
     metric_args = (registry,) if registry is not None else ()
     experiment_metrics = ExperimentMetrics(*metric_args)
     writer = None
@@ -95,6 +93,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     _install_error_handlers(app)
     return app
+
+
+def _open_store(settings: Settings):
+    target = settings.store_url.get_secret_value() if settings.store_url else str(settings.store_path)
+    options = {"retention_days": settings.store_retention_days, "max_predictions": settings.store_max_predictions}
+    if is_postgres_url(target):
+        options["pool_max"] = settings.store_pool_max
+        # A database that is not up yet must not stop the server: it starts degraded and retries.
+        return LazyStore(lambda: open_store(target, **options))
+    return open_store(target, **options)
 
 
 def _error_body(message: str, code: str) -> dict:

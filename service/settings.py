@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         None, description="Bearer token for admin endpoints (reload); unset disables them."
     )
     store_path: Path = Field(Path("data/experiments.sqlite3"), description="SQLite file of the prediction log.")
+    store_url: SecretStr | None = Field(
+        None,
+        description="Experiment store: postgresql://USER:PASSWORD@HOST:PORT/DATABASE (shared by all replicas) "
+        "or sqlite:///PATH; unset: the SQLite file store_path.",
+    )
+    store_pool_max: int = Field(8, ge=1, description="PostgreSQL connections per worker process.")
     store_retention_days: float = Field(30.0, gt=0)
     store_max_predictions: int = Field(1_000_000, ge=1000)
     shadow_timeout_s: float = Field(30.0, gt=0, description="A shadow run not finished by then is dropped.")

@@ -15,6 +15,7 @@ from .base import (
     StoreError,
     UnknownRequestError,
 )
+from .factory import is_postgres_url, open_store
 from .records import (
     ExperimentData,
     FeedbackRecord,
@@ -23,7 +24,6 @@ from .records import (
     Role,
     ShadowPair,
 )
-from .factory import open_store
 from .sqlite import SQLiteStore
 
 
@@ -49,5 +49,6 @@ __all__ = [
     "ShadowPair",
     "StoreError",
     "UnknownRequestError",
+    "is_postgres_url",
     "open_store",
 ]

@@ -19,6 +19,11 @@ _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _SQLITE_SCHEME = "sqlite://"
 
 
+def is_postgres_url(url_or_path: str | PathLike[str]) -> bool:
+    """Whether :func:`open_store` would open a PostgreSQL store (to pick backend-specific options)."""
+    return not isinstance(url_or_path, PathLike) and str(url_or_path).lower().startswith(_POSTGRES_SCHEMES)
+
+
 def open_store(url_or_path: str | PathLike[str], **options: Any) -> ExperimentStore:
     """The store at ``url_or_path``; ``options`` go to the store's constructor.
 
@@ -30,7 +35,7 @@ def open_store(url_or_path: str | PathLike[str], **options: Any) -> ExperimentSt
     if not isinstance(target, str) or not target.strip():
         raise ValueError("the experiment store needs a PostgreSQL URL, a sqlite:/// URL or a file path")
     lowered = target.lower()
-    if lowered.startswith(_POSTGRES_SCHEMES):
+    if is_postgres_url(target):
         try:
             from .postgres import PostgresStore
         except ImportError as exc:
@@ -38,7 +43,8 @@ def open_store(url_or_path: str | PathLike[str], **options: Any) -> ExperimentSt
                 f"a PostgreSQL store needs psycopg and psycopg-pool ({exc}); install them with "
                 "pip install 'archserve[postgres]', or use a SQLite file"
             ) from exc
-        return PostgresStore(target, **options)
+        scheme, rest = target.split("://", 1)
+        return PostgresStore(f"{scheme.lower()}://{rest}", **options)  # libpq knows the schemes in lower case only
 
     from .sqlite import SQLiteStore
 

@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
@@ -109,6 +110,7 @@ _COLUMNS = (
 )  # the order of PredictionRecord's fields
 _N_COLUMNS = 11
 _INSERT = f"INSERT INTO predictions ({_COLUMNS}) VALUES ({', '.join(['%s'] * _N_COLUMNS)}) ON CONFLICT DO NOTHING"
+_ATTEMPTS = 3  # tries of a write that PostgreSQL rolled back to break a deadlock
 _PRUNE_CHUNK = 5000  # rows deleted per transaction, so other writers wait briefly
 _DAY_S = 86400.0
 
@@ -171,6 +173,20 @@ def _record_of(row: Sequence, start: int = 0) -> PredictionRecord:
     )
 
 
+def _parse_error(url: str, exc: Exception) -> str:
+    """libpq's complaint about ``url``, unless it quotes the URL (and so perhaps its password)."""
+    text = str(exc).strip()
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(password, "***")
+    if "://" in text or "password" in text.lower() or "@" in text:
+        return "(libpq's message not shown: it quotes the URL, which may hold a password)"
+    return text
+
+
 def describe_url(url: str) -> str:
     """``user@host:port/dbname`` of a libpq URL or conninfo string; never the password."""
     try:
@@ -182,6 +198,10 @@ def describe_url(url: str) -> str:
     user = params.get("user")
     where = f"{host}:{port}/{params.get('dbname') or user or '(default database)'}"
     return f"{user}@{where}" if user else where
+
+
+class _TransientError(StoreError):
+    """PostgreSQL rolled the transaction back (deadlock, serialization failure); running it again may work."""
 
 
 class PostgresStore(ExperimentStore):
@@ -208,11 +228,10 @@ class PostgresStore(ExperimentStore):
             raise ValueError(f"connect_timeout_s must be > 0, not {connect_timeout_s!r}")
         try:
             params = pg_conninfo.conninfo_to_dict(url)
-        except psycopg.ProgrammingError:
-            # libpq's message quotes the string, password included: not shown.
+        except psycopg.ProgrammingError as exc:
             raise StoreError(
-                "cannot parse the PostgreSQL URL (not shown: it may hold a password); expected "
-                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE[?options]; check ARCHSERVE_STORE_URL"
+                f"cannot parse the PostgreSQL URL: {_parse_error(url, exc)}; expected "
+                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE[?PARAM=VALUE...]; check ARCHSERVE_STORE_URL"
             ) from None
         self.retention_days = float(retention_days)
         self.max_predictions = int(max_predictions)
@@ -225,11 +244,13 @@ class PostgresStore(ExperimentStore):
         self._pool: ConnectionPool | None = None
 
         # libpq's connect_timeout is whole seconds, at least 2.
-        connect_kwargs = {"connect_timeout": max(2, math.ceil(self.connect_timeout_s)), "autocommit": True}
+        connect_kwargs: dict = {"connect_timeout": max(2, math.ceil(self.connect_timeout_s)), "autocommit": True}
+        if "application_name" not in params:  # how the connections show in pg_stat_activity
+            connect_kwargs["application_name"] = "archserve"
         # One direct connection first: it reports why the server cannot be reached (the pool would only time out),
         # and it creates or migrates the schema before any request is served.
         try:
-            conn = psycopg.connect(url, application_name="archserve", **connect_kwargs)
+            conn = psycopg.connect(url, **connect_kwargs)
         except psycopg.Error as exc:
             raise StoreError(
                 f"cannot reach PostgreSQL at {self.where}: {self._scrub(str(exc).strip())}; check "
@@ -247,7 +268,7 @@ class PostgresStore(ExperimentStore):
             url,
             min_size=int(pool_min),
             max_size=int(pool_max),
-            kwargs={"application_name": "archserve", **connect_kwargs},
+            kwargs=connect_kwargs,
             timeout=max(10.0, 2 * self.connect_timeout_s),  # waiting for a free connection
             check=ConnectionPool.check_connection,  # drop connections a server restart broke before using them
             num_workers=2,
@@ -276,9 +297,17 @@ class PostgresStore(ExperimentStore):
         rows = [_row_of(r) for r in records]
         if not rows:
             return
-        with self._connection("record predictions") as conn, conn.transaction(), conn.cursor() as cur:
-            cur.executemany(_INSERT, rows)
-            inserted = cur.rowcount
+        for attempt in range(_ATTEMPTS):
+            try:
+                with self._connection("record predictions") as conn, conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(_INSERT, rows)
+                    inserted = cur.rowcount
+                break
+            except _TransientError:
+                # A deadlock with a concurrent batch holding some of the same keys (a retry racing its original):
+                # PostgreSQL rolled this one back; run it again.
+                if attempt == _ATTEMPTS - 1:
+                    raise
         if inserted < len(rows):
             log.warning(
                 "%d of %d prediction records were already stored under the same (request_id, image_index, role, "
@@ -303,6 +332,15 @@ class PostgresStore(ExperimentStore):
         if label < 0:
             raise ValueError(f"label must be a class index >= 0, not {label}")
         request_id = str(request_id)
+        for attempt in range(_ATTEMPTS):
+            try:
+                return self._add_feedback_once(request_id, image_index, label, float(received_at))
+            except _TransientError:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _add_feedback_once(self, request_id: str, image_index: int, label: int, received_at: float) -> FeedbackOutcome:
         with self._connection("record feedback") as conn, conn.transaction():
             # FOR KEY SHARE: retention cannot delete the primary until this transaction ends.
             known = None
@@ -320,7 +358,7 @@ class PostgresStore(ExperimentStore):
                 created = conn.execute(
                     "INSERT INTO feedback (request_id, image_index, label, received_at) VALUES (%s, %s, %s, %s) "
                     "ON CONFLICT (request_id, image_index) DO NOTHING RETURNING 1",
-                    (request_id, image_index, label, float(received_at)),
+                    (request_id, image_index, label, received_at),
                 ).fetchone()
                 if created is not None:
                     return "created"
@@ -419,7 +457,8 @@ class PostgresStore(ExperimentStore):
                 images = sorted({(d[0], d[1]) for d in deleted if d[2] == "primary"})
                 if images:  # feedback of images left without a primary prediction
                     cur = conn.execute(
-                        "DELETE FROM feedback AS f USING unnest(%s::text[], %s::bigint[]) AS d(request_id, image_index) "
+                        "DELETE FROM feedback AS f "
+                        "USING unnest(%s::text[], %s::bigint[]) AS d(request_id, image_index) "
                         "WHERE f.request_id = d.request_id AND f.image_index = d.image_index AND NOT EXISTS ("
                         "SELECT 1 FROM predictions AS p WHERE p.request_id = f.request_id "
                         "AND p.image_index = f.image_index AND p.role = 'primary')",
@@ -492,15 +531,25 @@ class PostgresStore(ExperimentStore):
     def _errors(self, action: str) -> Iterator[None]:
         try:
             yield
-        except psycopg.OperationalError as exc:
-            raise StoreError(
-                f"cannot {action}: lost PostgreSQL at {self.where} ({self._scrub(str(exc).strip())}); retry, "
-                "and check the server and ARCHSERVE_STORE_URL"
-            ) from None
         except psycopg.Error as exc:
-            raise StoreError(
-                f"cannot {action} in PostgreSQL at {self.where}: {self._scrub(str(exc).strip())}"
-            ) from None
+            state = exc.sqlstate or ""
+            # The server's one-line message, without the statement's text and caret that str() adds.
+            text = self._scrub((exc.diag.message_primary if state else None) or str(exc).strip())
+            if state.startswith("40"):  # deadlock or serialization failure: PostgreSQL rolled the transaction back
+                raise _TransientError(
+                    f"cannot {action} in PostgreSQL at {self.where}: {text} (a clash with concurrent writers); retry"
+                ) from None
+            if isinstance(exc, psycopg.OperationalError) and (not state or state.startswith(("08", "57P"))):
+                raise StoreError(  # the connection broke, or the server is shutting down or restarting
+                    f"cannot {action}: lost PostgreSQL at {self.where} ({text}); retry, "
+                    "and check the server and ARCHSERVE_STORE_URL"
+                ) from None
+            if state == "42501":  # insufficient_privilege
+                text += (
+                    "; the user needs CREATE on the schema (on PostgreSQL 15+ not granted on 'public' to other "
+                    "users than the database's owner) the first time, then SELECT, INSERT and DELETE on its tables"
+                )
+            raise StoreError(f"cannot {action} in PostgreSQL at {self.where}: {text}") from None
 
     @staticmethod
     @contextmanager

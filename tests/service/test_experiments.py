@@ -209,3 +209,33 @@ def test_an_unreachable_store_degrades_but_never_fails_or_loses_a_request(
         for r in responses:  # nothing was lost: feedback finds every request
             fb = httpx.post(f"{url}/feedback", json={"request_id": r.json()["request_id"], "label": 0})
             assert fb.status_code == 200, fb.text
+
+
+def test_feedback_reaches_a_shared_postgres_store_through_another_replica(experiment_repo, experiments_file):
+    from tests.service import postgres as pg
+
+    with pg.fresh_schema() as store_url:
+        common = dict(models_dir=experiment_repo, experiments_file=experiments_file, store_url=store_url,
+                      max_batch_size=8)
+        with running_server(**common) as (url_a, _), running_server(**common) as (url_b, _):
+            served = httpx.post(f"{url_a}/classify/arch-ab", content=jpeg(), headers={"X-User-Id": "zoe"}, timeout=60)
+            assert served.status_code == 200
+            request_id = served.json()["request_id"]
+            feedback = httpx.post(f"{url_b}/feedback", json={"request_id": request_id, "label": 5})
+            assert feedback.status_code == 200 and feedback.json()["status"] == "created", feedback.text
+            again = httpx.post(f"{url_a}/feedback", json={"request_id": request_id, "label": 5})
+            assert again.json()["status"] == "duplicate"
+            report = httpx.get(f"{url_b}/experiments/arch-ab/report").json()
+            assert sum(v["labelled_n"] for v in report["variants"]) == 1
+
+
+def test_a_database_that_is_down_at_start_does_not_stop_the_server(experiment_repo, experiments_file):
+    unreachable = "postgresql://archserve:secret@127.0.0.1:1/nowhere"
+    with running_server(models_dir=experiment_repo, experiments_file=experiments_file, store_url=unreachable) as (url, _):
+        r = httpx.post(f"{url}/classify/arch-ab", content=jpeg(), timeout=60)
+        assert r.status_code == 200
+        ready = httpx.get(f"{url}/health/ready").json()
+        assert ready["ready"] is True and ready["store"]["state"] == "degraded"
+        assert "secret" not in str(ready)
+        fb = httpx.post(f"{url}/feedback", json={"request_id": r.json()["request_id"], "label": 1})
+        assert fb.status_code == 503 and "retry later" in fb.json()["error"]
