@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metric_args = (registry,) if registry is not None else ()
     experiment_metrics = ExperimentMetrics(*metric_args)
     writer = None
+    experiment_metrics.store_up.set(1)
     if store is not None:
         writer = StoreWriter(store, on_state=lambda up: experiment_metrics.store_up.set(1 if up else 0))
         experiment_metrics.store_up.set(1)

@@ -173,7 +173,8 @@ class ExperimentMetrics:
             registry=registry,
         )
         self.store_up = Gauge(
-            "archserve_store_up", "1 while the experiment store accepts writes, 0 while it is degraded.",
+            "archserve_store_up",
+            "0 while the experiment store is degraded (writes buffered), else 1 (also when no store is configured).",
             registry=registry, multiprocess_mode="livemin",
         )
         self.store_pending = Gauge(

@@ -16,7 +16,7 @@ from ..postprocess import top_k
 from ..repository import ModelTable, ServedModel
 from ..store.records import PredictionRecord
 from ..store.writer import StoreWriter
-from .config import Experiment, ExperimentConfigError, ServedCheck, Variant, load_experiments
+from .config import Experiment, ServedCheck, Variant, load_experiments
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,7 @@ def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
         message = "promtool not found: apt-get install -y prometheus (Debian) provides it"
-        if os.environ.get("CI"):
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
             pytest.fail(message + "; it is required in CI")
         pytest.skip(message)
     return path
@@ -244,6 +245,10 @@ def test_runtime_stage_has_no_torch_no_compilers_and_the_gpu_runtime():
     assert '"onnxruntime-gpu[cuda,cudnn]==' in runs
     pip_targets = re.findall(r'"(/tmp/src[^"]*)"', runs)
     assert pip_targets and all("export" not in t and "test" not in t for t in pip_targets)
+    extras = {e for e in runtime["args"].get("ARCHSERVE_EXTRAS", "").split(",") if e}
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not extras & {"export", "test"}, "the runtime image must not install the export or test extras"
+    assert extras <= set(declared), f"pyproject.toml declares no extra {extras - set(declared)}"
     copied = stage_text(runtime, "COPY")
     assert "export/" not in copied.replace("--from=export", ""), "export/ (torch code) must stay out of the image"
 
@@ -357,25 +362,8 @@ def test_cpu_override_drops_the_gpu_reservation():
     assert {"archserve", "archserve-replica"} <= set(cpu["services"])
 
 
-def _docker_compose_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return run(["docker", "compose", "version"]).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@pytest.mark.skipif(not _docker_compose_available(),
-                    reason="the docker compose plugin is not installed (the docker CLI alone cannot check compose files)")
-@pytest.mark.parametrize("files", [
-    ["-f", "docker-compose.yml"],
-    ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"],
-    ["-f", "docker-compose.yml", "--profile", "replicas", "--profile", "export"],
-], ids=["gpu", "cpu", "all-profiles"])
-def test_docker_compose_config(files):
-    result = run(["docker", "compose", *files, "config", "-q"])
-    assert result.returncode == 0, result.stderr
+# `docker compose config` needs the compose plugin, which our machines lack; the schema-level
+# checks above stand in for it (see the README's Deploy section).
 
 
 # ----------------------------------------------------------------------------- Prometheus

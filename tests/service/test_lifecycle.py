@@ -11,7 +11,6 @@ import sys
 import time
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.images import jpeg
