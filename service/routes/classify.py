@@ -11,16 +11,13 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from .. import batching
 from ..body import ImagePart, read_images
+from ..inference import ClientGone, infer, until_disconnected
 from ..errors import (
     BadRequestError,
     DeadlineExceededError,
-    InferenceError,
     NotFoundError,
-    QueueFullError,
     ServiceError,
-    ServiceUnavailableError,
 )
 from ..metrics import UNKNOWN_MODEL
 from ..postprocess import top_k
@@ -89,7 +86,7 @@ async def _classify(request: Request, name: str, version: int | None, k: int) ->
         deadline = arrived + state.settings.request_timeout_s
         settings = state.settings
         parts = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
-        body = await _until_disconnected(request, _serve(state, route, parts, k, deadline, request_id))
+        body = await until_disconnected(request, _serve(state, route, parts, k, deadline, request_id))
         body["request_id"] = request_id
         if client_id is not None:
             body["client_request_id"] = client_id
@@ -175,22 +172,7 @@ async def _serve(
             "retry, or send smaller images"
         )
     submitted = time.monotonic()
-    try:
-        logits = await served.batcher.submit_many(list(arrays), deadline=deadline)
-    except batching.QueueFullError as exc:
-        raise QueueFullError(
-            f"{served.name} v{served.version} has {served.batcher.queue_depth} images queued, at its limit; "
-            "retry after a moment"
-        ) from exc
-    except batching.DeadlineExceededError as exc:
-        raise DeadlineExceededError(
-            f"no result within the request deadline of {settings.request_timeout_s:g}s; the server is overloaded, "
-            "retry later"
-        ) from exc
-    except batching.BatcherClosedError as exc:
-        raise ServiceUnavailableError("the model is shutting down; retry on another replica") from exc
-    except batching.BatchFailedError as exc:
-        raise InferenceError(f"inference failed for {served.name} v{served.version}: {exc.__cause__ or exc}") from exc
+    logits = await infer(served, list(arrays), deadline, settings.request_timeout_s)
     model_latency = time.monotonic() - submitted
     results = []
     for part, row in zip(parts, logits):
@@ -229,32 +211,3 @@ async def _log_experiment(state: AppState, route: Route, request_id: str, logits
             experiment=route.experiment, shadow=shadow, served=model, request_id=request_id,
             arrays=[d[position] for d in decoded], primaries=primaries, timeout_s=state.settings.shadow_timeout_s,
         ))
-
-
-class ClientGone(Exception):
-    """The client disconnected before its response was ready."""
-
-
-async def _until_disconnected(request: Request, work):
-    """Run ``work``; if the client disconnects first, cancel it (its images leave the queue)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise ClientGone()
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    # Called once the body has been read, so the next message can only be the disconnect.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -14,15 +14,13 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .. import batching
+from ..inference import ClientGone, until_disconnected
+from ..inference import infer as run_on_model
 from ..body import read_limited
 from ..errors import (
     DeadlineExceededError,
-    InferenceError,
     NotFoundError,
-    QueueFullError,
     ServiceError,
-    ServiceUnavailableError,
     UnsupportedMediaTypeError,
 )
 from ..metrics import UNKNOWN_MODEL
@@ -31,7 +29,6 @@ from ..repository import ServedModel
 from ..state import AppState
 from ..v2 import codec, schemas
 from ..v2.metadata import EXTENSIONS, model_io, model_metadata, server_metadata
-from .classify import ClientGone, _until_disconnected
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
@@ -184,7 +181,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             )
         else:
             parsed = codec.parse_infer_request(*args)
-        logits = await _until_disconnected(request, _run(state, served, parsed, deadline))
+        logits = await until_disconnected(request, _run(state, served, parsed, deadline))
         encode_args = (parsed, io, served.name, str(served.version), parsed.id or uuid.uuid4().hex, logits)
         if logits.size > _ENCODE_INLINE_VALUES and not all(o.binary for o in parsed.outputs):
             encoded = await asyncio.get_running_loop().run_in_executor(
@@ -221,22 +218,7 @@ async def _run(state: AppState, served: ServedModel, parsed: codec.InferRequest,
                 f"the request's deadline of {settings.request_timeout_s:g}s passed while decoding; "
                 "retry, or send smaller images"
             )
-    try:
-        rows = await served.batcher.submit_many(arrays, deadline=deadline)
-    except batching.QueueFullError as exc:
-        raise QueueFullError(
-            f"{served.name} v{served.version} has {served.batcher.queue_depth} images queued, at its limit; "
-            "retry after a moment"
-        ) from exc
-    except batching.DeadlineExceededError as exc:
-        raise DeadlineExceededError(
-            f"no result within the request deadline of {settings.request_timeout_s:g}s; the server is overloaded, "
-            "retry later"
-        ) from exc
-    except batching.BatcherClosedError as exc:
-        raise ServiceUnavailableError("the model is shutting down; retry on another replica") from exc
-    except batching.BatchFailedError as exc:
-        raise InferenceError(f"inference failed for {served.name} v{served.version}: {exc.__cause__ or exc}") from exc
+    rows = await run_on_model(served, arrays, deadline, settings.request_timeout_s)
     return np.stack(rows)
 
 
