@@ -33,7 +33,14 @@ PROVISIONING = DEPLOY / "grafana" / "provisioning"
 DASHBOARD_DIR = DEPLOY / "grafana" / "dashboards"
 DASHBOARDS = sorted(DASHBOARD_DIR.glob("*.json"))
 K8S = DEPLOY / "k8s"
-K8S_FILES = sorted(p for p in K8S.rglob("*") if p.suffix in (".yaml", ".yml"))
+# Helm values for prometheus-adapter, not a Kubernetes manifest.
+ADAPTER_VALUES = K8S / "prometheus-adapter-rules.yaml"
+K8S_FILES = sorted(p for p in K8S.rglob("*") if p.suffix in (".yaml", ".yml") and p != ADAPTER_VALUES)
+# The Kubernetes version whose OpenAPI schemas (shipped by kubernetes-validate, offline)
+# the built-in kinds are validated against.
+K8S_SCHEMA_VERSION = "1.34.0"
+# Kinds defined by CRDs (or kustomize): no schema in kubernetes-validate, checked field by field.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "InferenceService", "ServingRuntime", "Kustomization"}
 
 SETTINGS_FIELDS = set(Settings.model_fields)
 # Settings the service is being extended with; checked as soon as Settings declares them.
@@ -408,7 +415,7 @@ def test_alert_rules_use_exposed_series_and_match_the_prometheus_operator_copy()
     for expr in rule_exprs(groups):
         for name in metric_names(expr):
             assert name in series, f"alert rule uses {name}, which the service does not expose"
-    (rule,) = [d for d in yaml.safe_load_all((K8S / "prometheusrule.yaml").read_text()) if d]
+    (rule,) = [d for d in yaml.safe_load_all((K8S / "base" / "prometheusrule.yaml").read_text()) if d]
     assert rule["spec"]["groups"] == groups, "deploy/k8s/prometheusrule.yaml differs from deploy/prometheus/rules/"
 
 
@@ -545,8 +552,8 @@ def k8s_objects(kind: str, files: list[Path] | None = None) -> list[dict]:
 
 
 def base_files() -> list[Path]:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    return [K8S / r for r in kustomization["resources"]]
+    kustomization = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    return [K8S / "base" / r for r in kustomization["resources"]]
 
 
 def one(kind: str) -> dict:
@@ -690,8 +697,8 @@ def test_service_hpa_pdb_and_servicemonitor_select_the_deployment():
     assert {e.get("path", "/metrics") for e in monitor["spec"]["endpoints"]} == {"/metrics"}
 
 
-def test_kserve_inference_service_runs_the_archserve_image_with_the_v2_protocol():
-    (isvc,) = k8s_objects("InferenceService")
+def test_kserve_container_inference_service_runs_the_archserve_image_with_the_v2_protocol():
+    (isvc,) = k8s_objects("InferenceService", [K8S / "kserve-inferenceservice-container.yaml"])
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
     predictor = isvc["spec"]["predictor"]
     (c,) = predictor["containers"]
@@ -707,3 +714,182 @@ def test_kserve_inference_service_runs_the_archserve_image_with_the_v2_protocol(
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     graceful = float(configmap_env().get("ARCHSERVE_GRACEFUL_SHUTDOWN_S", graceful_shutdown_default()))
     assert predictor["terminationGracePeriodSeconds"] > graceful + float(c["lifecycle"]["preStop"]["exec"]["command"][1])
+
+
+def test_kserve_serving_runtime_serves_the_v2_protocol_from_mnt_models():
+    (runtime,) = k8s_objects("ServingRuntime")
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["v2"]
+    formats = {f["name"]: f for f in spec["supportedModelFormats"]}
+    assert "onnx" in formats and formats["onnx"].get("autoSelect") is False
+    (c,) = spec["containers"]
+    assert c["name"] == "kserve-container"
+    assert c["image"].rsplit(":", 1)[0].endswith("archserve")
+    assert [p["containerPort"] for p in c["ports"]] == [8000]
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    # KServe's storage initializer puts storageUri there; `env` wins over the envFrom ConfigMap.
+    assert env["ARCHSERVE_MODELS_DIR"] == "/mnt/models"
+    assert env.get("ARCHSERVE_PORT", "8000") == "8000"
+    assert_setting_keys({k: v for k, v in env.items() if k.startswith("ARCHSERVE_")}, "kserve-servingruntime.yaml")
+    sources = {(k, v["name"]) for ref in c["envFrom"] for k, v in ref.items()}
+    assert ("configMapRef", "archserve-env") in sources and ("secretRef", "archserve-secrets") in sources
+    paths = service_paths()
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] in paths and c[probe]["httpGet"]["port"] == 8000
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    volumes = {v["name"] for v in spec["volumes"]}
+    assert {m["name"] for m in c["volumeMounts"]} <= volumes
+    experiments_dir = configmap_env()["ARCHSERVE_EXPERIMENTS_FILE"].rsplit("/", 1)[0]
+    assert any(m["mountPath"] == experiments_dir for m in c["volumeMounts"])
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
+
+
+def test_kserve_inference_service_uses_the_archserve_runtime_with_a_model_repository():
+    (runtime,) = k8s_objects("ServingRuntime")
+    (isvc,) = k8s_objects("InferenceService", [K8S / "kserve-inferenceservice.yaml"])
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    predictor = isvc["spec"]["predictor"]
+    assert "containers" not in predictor
+    model = predictor["model"]
+    assert model["runtime"] == runtime["metadata"]["name"] == "archserve-runtime"
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    assert model["protocolVersion"] == "v2"
+    assert re.match(r"^(pvc|s3|gs|https?)://[^/]+", model["storageUri"])
+    if model["storageUri"].startswith("pvc://"):
+        claim = model["storageUri"][len("pvc://"):].split("/", 1)[0]
+        assert claim in {p["metadata"]["name"] for p in k8s_objects("PersistentVolumeClaim")}
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    (c,) = runtime["spec"]["containers"]
+    graceful = float(configmap_env().get("ARCHSERVE_GRACEFUL_SHUTDOWN_S", graceful_shutdown_default()))
+    assert predictor["terminationGracePeriodSeconds"] > graceful + float(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert predictor["securityContext"]["runAsNonRoot"] is True
+
+
+def adapter_rules() -> list[dict]:
+    values = yaml.safe_load(ADAPTER_VALUES.read_text())
+    return values["rules"]["custom"]
+
+
+def rule_series(rule: dict) -> str:
+    return re.match(r"^\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", rule["seriesQuery"]).group(1)
+
+
+def exposed_name(rule: dict) -> str:
+    """The custom metric name a prometheus-adapter rule exposes (`name.as`, else the series')."""
+    return rule.get("name", {}).get("as") or rule_series(rule)
+
+
+def test_hpa_scales_on_a_per_pod_prometheus_metric_with_cpu_as_fallback():
+    hpa = one("HorizontalPodAutoscaler")
+    metrics = hpa["spec"]["metrics"]
+    (pods,) = [m["pods"] for m in metrics if m["type"] == "Pods"]
+    assert pods["target"]["type"] == "AverageValue" and float(pods["target"]["averageValue"]) > 0
+    (cpu,) = [m["resource"] for m in metrics if m["type"] == "Resource" and m["resource"]["name"] == "cpu"]
+    assert cpu["target"]["type"] == "Utilization" and 0 < cpu["target"]["averageUtilization"] <= 100
+    assert "cpu" in container()["resources"]["requests"]
+
+    # The adapter rule that exposes the HPA's metric, per pod, from a series the service exposes.
+    rules = [r for r in adapter_rules() if exposed_name(r) == pods["metric"]["name"]]
+    assert len(rules) == 1, f"no prometheus-adapter rule exposes {pods['metric']['name']}"
+    (rule,) = rules
+    series = rule_series(rule)
+    assert series in exposed_series()
+    assert series in {"archserve_inflight_requests", "archserve_queue_depth"}
+    assert re.match(rule["name"]["matches"], series)
+    overrides = rule["resources"]["overrides"]
+    assert overrides["pod"] == {"resource": "pod"} and overrides["namespace"] == {"resource": "namespace"}
+    query = rule["metricsQuery"]
+    for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+        assert placeholder in query
+    # A gauge: no rate(); summed over the model/version labels into one value per pod.
+    assert "rate(" not in query and re.search(r"\bsum\b", query)
+    # The Helm values are not a manifest: keep them out of every kustomization.
+    for path in K8S.rglob("kustomization.yaml"):
+        resources = yaml.safe_load(path.read_text()).get("resources", [])
+        assert ADAPTER_VALUES.name not in resources
+
+
+def test_the_promql_of_the_adapter_rules_parses(tmp_path):
+    tool = promtool()
+    rules = []
+    for i, rule in enumerate(adapter_rules()):
+        expr = (rule["metricsQuery"].replace("<<.Series>>", rule_series(rule))
+                .replace("<<.LabelMatchers>>", 'namespace="archserve",pod=~"archserve-.*"')
+                .replace("<<.GroupBy>>", "namespace, pod"))
+        rules.append({"record": f"adapter:rule:{i}", "expr": expr})
+    rules_file = tmp_path / "adapter.rules.yml"
+    rules_file.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": rules}]}))
+    result = run([tool, "check", "rules", str(rules_file)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def patch_files() -> set[Path]:
+    return {(path.parent / patch["path"]).resolve()
+            for path in K8S.rglob("kustomization.yaml")
+            for patch in yaml.safe_load(path.read_text()).get("patches", []) if "path" in patch}
+
+
+def builtin_documents() -> list[tuple[Path, dict]]:
+    patches = patch_files()
+    return [(path, doc) for path, doc in k8s_documents()
+            if doc["kind"] not in CRD_KINDS and path.resolve() not in patches]
+
+
+def schema_errors(doc: dict) -> str | None:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(doc, K8S_SCHEMA_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return f"{'.'.join(str(p) for p in e.path)}: {e.message}"
+    return None
+
+
+def test_every_builtin_kind_manifest_matches_the_kubernetes_schema():
+    """Offline: kubernetes-validate ships the OpenAPI schemas of each Kubernetes release."""
+    pytest.importorskip("kubernetes_validate")
+    docs = builtin_documents()
+    kinds = {doc["kind"] for _, doc in docs}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
+            "Secret", "Namespace", "Job", "PersistentVolumeClaim"} <= kinds
+    errors = []
+    for path, doc in docs:
+        error = schema_errors(doc)
+        if error:
+            errors.append(f"{path.relative_to(ROOT)} {doc['kind']}/{doc['metadata']['name']}: {error}")
+    assert not errors, "\n".join(errors)
+    # and strict mode does catch a misplaced field
+    broken = json.loads(json.dumps(one("HorizontalPodAutoscaler")))
+    broken["spec"]["metrics"][0]["pods"]["metric"]["nmae"] = "x"
+    assert schema_errors(broken)
+
+
+def test_every_other_kind_is_a_known_crd():
+    """What kubernetes-validate cannot check must be one of the CRD kinds the tests above check."""
+    patches = patch_files()
+    for path, doc in k8s_documents():
+        if path.resolve() in patches:
+            continue
+        group = doc["apiVersion"].rpartition("/")[0]
+        if "." in group:   # built-in groups (apps, batch, policy, autoscaling, core) have no dot
+            assert doc["kind"] in CRD_KINDS, (
+                f"{path.relative_to(ROOT)}: {doc['apiVersion']} {doc['kind']} is neither built in nor a checked CRD")
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for kubectl kustomize) not installed")
+@pytest.mark.parametrize("path", sorted(K8S.rglob("kustomization.yaml")), ids=lambda p: str(p.relative_to(K8S)))
+def test_kustomize_output_matches_the_kubernetes_schema(path):
+    """The rendered kustomizations, patches applied, through the same offline schemas."""
+    pytest.importorskip("kubernetes_validate")
+    result = run(["kubectl", "kustomize", str(path.parent)])
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert any(d["kind"] == "Deployment" for d in docs)
+    errors = [f"{d['kind']}/{d['metadata']['name']}: {e}" for d in docs
+              if d["kind"] not in CRD_KINDS and (e := schema_errors(d))]
+    assert not errors, "\n".join(errors)
+    assert all(d["metadata"].get("namespace") == "archserve" for d in docs if d["kind"] != "Namespace")
