@@ -13,8 +13,8 @@ not exited after a timeout). The models are exported into ``--models-dir``
 first if missing. Everything is written to ``bench/results/<date>-<host>.json``
 and summarised as markdown tables with the targets' pass/fail.
 
-    python -m bench.run                 # ~20 s per load point (about 6 minutes in all on 2 cores)
-    python -m bench.run --quick         # a ~2 minute smoke run
+    python -m bench.run                 # 20 s load points: ~4 minutes on 2 cores, more on a busy machine
+    python -m bench.run --quick         # a smoke run of under 2 minutes
     python -m bench.run --duration 30 --models resnet50 --server-arg=--max-queue-delay-ms=2
 """
 
@@ -137,6 +137,42 @@ def settle(max_wait_s: float, quiet_cores: float = 0.3) -> dict:
     return {"other_cores_before": round(busy, 2), "waited_s": round(waited, 1)}
 
 
+class NoiseGuard:
+    """Bounded patience with other work on a shared machine.
+
+    Before each step it waits (``settle_s`` at most) for the machine to be
+    quiet; a measurement during which other processes used more than
+    ``threshold`` cores is taken again, up to ``retries`` times, keeping the
+    cleanest. All the waiting and re-measuring together stops once
+    ``budget_s`` is spent, so a busy machine makes the run noisier, not endless.
+    """
+
+    def __init__(self, budget_s: float, settle_s: float, retries: int, threshold: float = 0.15) -> None:
+        self.deadline = time.monotonic() + budget_s
+        self.settle_s, self.retries, self.threshold = settle_s, retries, threshold
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def settle(self) -> dict:
+        return settle(min(self.settle_s, self.left()))
+
+    def measure(self, label: str, fn):
+        best, attempts = None, 0
+        while True:
+            report = fn()
+            attempts += 1
+            other = report["cpu"]["other_cores"]
+            if best is None or other < best["cpu"]["other_cores"]:
+                best = report
+            if other <= self.threshold or attempts > self.retries or self.left() <= 0:
+                break
+            print(f"  other work used {other:.2f} cores during {label}; measuring it again", flush=True)
+            self.settle()
+        best["attempts"] = attempts
+        return best
+
+
 # ---------------------------------------------------------------------------- models and servers
 
 
@@ -233,14 +269,20 @@ def run_engine(models_dir: Path, model: str, args, out_dir: Path) -> dict:
 def load_points(server: Server, model: str, args, images: list[bytes]) -> dict:
     out = {}
     for clients in args.clients:
-        meter = CpuMeter(server.proc.pid)
-        report = loadgen.run_async(loadgen.closed_loop(
-            server.url, model, clients, args.duration, warmup=args.warmup, images=images, timeout=args.timeout,
-        ))
-        report["cpu"] = meter.stop()
-        print(loadgen.format_report(report), flush=True)
-        print(f"  cpu cores: {report['cpu']}", flush=True)
-        out[f"c{clients}"] = report
+        def point() -> dict:
+            meter = CpuMeter(server.proc.pid)
+            report = loadgen.run_async(loadgen.closed_loop(
+                server.url, model, clients, args.duration, warmup=args.warmup, images=images, timeout=args.timeout,
+            ))
+            report["cpu"] = meter.stop()
+            if report["throughput_img_s"]:  # CPU cost per image: steadier than img/s on a shared machine
+                report["cpu"]["server_core_ms_per_img"] = round(
+                    1000 * report["cpu"]["server_cores"] / report["throughput_img_s"], 2)
+            print(loadgen.format_report(report), flush=True)
+            print(f"  cpu cores: {report['cpu']}", flush=True)
+            return report
+
+        out[f"c{clients}"] = args.guard.measure(f"{clients} client(s)", point)
     return out
 
 
@@ -403,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", default="", help="comma-separated steps to skip: engine, archserve, naive")
     p.add_argument("--settle-s", type=float, help="before each step, wait up to this long for other work on the "
                    "machine to stop (default 60; --quick 10)")
+    p.add_argument("--retries", type=int, help="re-measure a point during which other work used > 0.15 cores, "
+                   "this many times at most (default 2; --quick 0)")
+    p.add_argument("--noise-budget-s", type=float, help="total seconds spent waiting for quiet and re-measuring "
+                   "(default 600; --quick 30)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
     return p
 
@@ -413,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1.5 if args.quick else 3.0)
     args.engine_budget_s = args.engine_budget_s or (0.5 if args.quick else 3.0)
     args.settle_s = args.settle_s if args.settle_s is not None else (10.0 if args.quick else 60.0)
+    args.guard = NoiseGuard(
+        budget_s=args.noise_budget_s if args.noise_budget_s is not None else (30.0 if args.quick else 600.0),
+        settle_s=args.settle_s,
+        retries=args.retries if args.retries is not None else (0 if args.quick else 2),
+    )
     args.engine_min_runs = 2 if args.quick else 5
     args.engine_warmup_runs = 1 if args.quick else 2
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -443,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine, "config": {
         "models": models, "models_dir": str(models_dir), "duration_s": args.duration, "warmup_s": args.warmup,
         "clients": args.clients, "batch_sizes": args.batch_sizes, "engine_budget_s": args.engine_budget_s,
-        "quick": args.quick, "server_args": args.server_arg, "server_env": dict(args.server_env),
+        "quick": args.quick, "settle_s": args.settle_s, "server_args": args.server_arg,
+        "server_env": dict(args.server_env),
         "images": {"count": len(images), "size": "500x375", "quality": 90, "bytes": [len(i) for i in images]},
     }, "models": {}}
     with tempfile.TemporaryDirectory(prefix="archserve-bench-") as tmp:
@@ -458,9 +510,9 @@ def main(argv: list[str] | None = None) -> int:
                 if name in skip:
                     continue
                 print(f"--- {model}: {name}", flush=True)
-                quiet = settle(args.settle_s)
+                quiet = args.guard.settle()
                 try:
-                    r[name] = step()
+                    r[name] = args.guard.measure("the engine run", step) if name == "engine" else step()
                     r[name]["settle"] = quiet
                 except Exception as exc:  # one failing step must not lose the others' figures
                     print(f"  {name} failed: {exc}", flush=True)
