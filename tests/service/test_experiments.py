@@ -239,3 +239,34 @@ def test_a_database_that_is_down_at_start_does_not_stop_the_server(experiment_re
         assert "secret" not in str(ready)
         fb = httpx.post(f"{url}/feedback", json={"request_id": r.json()["request_id"], "label": 1})
         assert fb.status_code == 503 and "retry later" in fb.json()["error"]
+
+
+def test_sighup_reloads_the_experiments_file(experiment_repo, experiments_file, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.service.server import free_port, wait_until
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCHSERVE_", "PROMETHEUS_"))}
+    env.update(ARCHSERVE_EXPERIMENTS_FILE=str(experiments_file), ARCHSERVE_STORE_PATH=str(tmp_path / "s.sqlite3"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--models-dir", str(experiment_repo),
+         "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(url, "/health/ready", timeout=120)
+        experiments_file.write_text(EXPERIMENTS.replace("arch-ab", "arch-hup"))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: [e["name"] for e in httpx.get(f"{url}/experiments").json()["experiments"]] == ["arch-hup"])
+        experiments_file.write_text("experiments: [")  # a bad file on SIGHUP: refused, the old set stays
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert [e["name"] for e in httpx.get(f"{url}/experiments").json()["experiments"]] == ["arch-hup"]
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
