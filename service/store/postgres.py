@@ -52,6 +52,7 @@ from .base import (
     UnknownRequestError,
 )
 from .records import ExperimentData, LabelledPrediction, PredictionRecord, ShadowPair
+from .rows import COLUMNS, N_COLUMNS, PruneSchedule, check_feedback, columns, record_of, row_of
 
 log = logging.getLogger(__name__)
 
@@ -105,18 +106,10 @@ _MIGRATION_LOCK = 0x41726D31  # "Arm1"
 _PRUNE_LOCK = 0x41727031  # "Arp1"
 _LOCK_ARGS = "%s, hashtext(coalesce(current_schema(), ''))"
 
-_COLUMNS = (
-    "request_id, image_index, experiment, variant, role, model, version, top5, top5_scores, latency_s, created_at"
-)  # the order of PredictionRecord's fields
-_N_COLUMNS = 11
-_INSERT = f"INSERT INTO predictions ({_COLUMNS}) VALUES ({', '.join(['%s'] * _N_COLUMNS)}) ON CONFLICT DO NOTHING"
+_INSERT = f"INSERT INTO predictions ({COLUMNS}) VALUES ({', '.join(['%s'] * N_COLUMNS)}) ON CONFLICT DO NOTHING"
 _ATTEMPTS = 3  # tries of a write that PostgreSQL rolled back to break a deadlock
 _PRUNE_CHUNK = 5000  # rows deleted per transaction, so other writers wait briefly
 _DAY_S = 86400.0
-
-
-def _columns(alias: str) -> str:
-    return ", ".join(f"{alias}.{c.strip()}" for c in _COLUMNS.split(","))
 
 
 def _text(value: object, what: str, request_id: object) -> str:
@@ -127,50 +120,11 @@ def _text(value: object, what: str, request_id: object) -> str:
 
 
 def _row_of(record: PredictionRecord) -> tuple:
-    """Validate one record and turn it into a row; the same checks as the SQLite store."""
-    if record.role not in ("primary", "shadow"):
-        raise ValueError(f"role must be 'primary' or 'shadow', not {record.role!r} (request {record.request_id!r})")
-    if not record.request_id:
-        raise ValueError("a prediction record needs a non-empty request_id")
-    image_index = operator.index(record.image_index)
-    if image_index < 0:
-        raise ValueError(f"image_index must be >= 0, not {image_index} (request {record.request_id!r})")
-    if len(record.top5) != len(record.top5_scores):
-        raise ValueError(
-            f"top5 has {len(record.top5)} classes but top5_scores {len(record.top5_scores)} scores "
-            f"(request {record.request_id!r}, variant {record.variant!r}); they must match"
-        )
-    rid = record.request_id
-    return (
-        _text(rid, "request_id", rid),
-        image_index,
-        _text(record.experiment, "experiment", rid),
-        _text(record.variant, "variant", rid),
-        record.role,
-        _text(record.model, "model", rid),
-        operator.index(record.version),
-        [operator.index(c) for c in record.top5],
-        [float(s) for s in record.top5_scores],
-        float(record.latency_s),
-        float(record.created_at),
-    )
+    return row_of(record, _text, list)  # top-5 lists go to integer[] / double precision[] as they are
 
 
 def _record_of(row: Sequence, start: int = 0) -> PredictionRecord:
-    r = row[start : start + _N_COLUMNS]
-    return PredictionRecord(
-        request_id=r[0],
-        image_index=r[1],
-        experiment=r[2],
-        variant=r[3],
-        role=r[4],
-        model=r[5],
-        version=r[6],
-        top5=tuple(r[7]),
-        top5_scores=tuple(r[8]),
-        latency_s=r[9],
-        created_at=r[10],
-    )
+    return record_of(row, list, start)
 
 
 def _parse_error(url: str, exc: Exception) -> str:
@@ -204,7 +158,7 @@ class _TransientError(StoreError):
     """PostgreSQL rolled the transaction back (deadlock, serialization failure); running it again may work."""
 
 
-class PostgresStore(ExperimentStore):
+class PostgresStore(PruneSchedule, ExperimentStore):
     def __init__(
         self,
         url: str,
@@ -308,29 +262,10 @@ class PostgresStore(ExperimentStore):
                 # PostgreSQL rolled this one back; run it again.
                 if attempt == _ATTEMPTS - 1:
                     raise
-        if inserted < len(rows):
-            log.warning(
-                "%d of %d prediction records were already stored under the same (request_id, image_index, role, "
-                "variant) and were kept as first written; is a client reusing X-Request-ID?",
-                len(rows) - inserted,
-                len(rows),
-            )
-        with self._lock:
-            self._inserted_since_prune += max(inserted, 0)
-            due = self._inserted_since_prune >= self.prune_every
-            if due:
-                self._inserted_since_prune = 0
-        if due:
-            try:
-                self.prune(time.time())
-            except StoreError as exc:  # the records are in; retention catches up next time
-                log.warning("retention pass after recording failed: %s", exc)
+        self._after_insert(inserted, len(rows))
 
     def add_feedback(self, request_id: str, image_index: int, label: int, received_at: float) -> FeedbackOutcome:
-        image_index = operator.index(image_index)
-        label = operator.index(label)
-        if label < 0:
-            raise ValueError(f"label must be a class index >= 0, not {label}")
+        image_index, label = check_feedback(image_index, label)
         request_id = str(request_id)
         for attempt in range(_ATTEMPTS):
             try:
@@ -391,7 +326,7 @@ class PostgresStore(ExperimentStore):
             return None
         with self._connection("look up a prediction") as conn:
             row = conn.execute(
-                f"SELECT {_COLUMNS} FROM predictions WHERE request_id = %s AND image_index = %s "
+                f"SELECT {COLUMNS} FROM predictions WHERE request_id = %s AND image_index = %s "
                 "AND role = 'primary' ORDER BY created_at DESC, id DESC LIMIT 1",
                 (str(request_id), image_index),
             ).fetchone()
@@ -410,24 +345,24 @@ class PostgresStore(ExperimentStore):
         with self._connection("read the experiment's data") as conn, self._snapshot(conn), conn.cursor() as cur:
             # stream(): rows arrive in chunks, never the whole result in memory at once.
             for row in cur.stream(
-                f"SELECT {_columns('p')}, f.label, f.received_at FROM predictions AS p "
+                f"SELECT {columns('p')}, f.label, f.received_at FROM predictions AS p "
                 "LEFT JOIN feedback AS f ON f.request_id = p.request_id AND f.image_index = p.image_index "
                 f"WHERE {where} ORDER BY p.created_at, p.id",
                 params,
                 size=1000,
             ):
                 data.primaries.append(
-                    LabelledPrediction(_record_of(row), label=row[_N_COLUMNS], labelled_at=row[_N_COLUMNS + 1])
+                    LabelledPrediction(_record_of(row), label=row[N_COLUMNS], labelled_at=row[N_COLUMNS + 1])
                 )
             for row in cur.stream(
-                f"SELECT {_columns('p')}, {_columns('s')} FROM predictions AS p "
+                f"SELECT {columns('p')}, {columns('s')} FROM predictions AS p "
                 "JOIN predictions AS s ON s.request_id = p.request_id AND s.image_index = p.image_index "
                 "AND s.role = 'shadow' AND s.experiment = p.experiment "
                 f"WHERE {where} ORDER BY p.created_at, p.id, s.variant",
                 params,
                 size=1000,
             ):
-                data.shadow_pairs.append(ShadowPair(primary=_record_of(row), shadow=_record_of(row, _N_COLUMNS)))
+                data.shadow_pairs.append(ShadowPair(primary=_record_of(row), shadow=_record_of(row, N_COLUMNS)))
         return data
 
     def prune(self, now: float) -> int:

@@ -38,6 +38,7 @@ from .base import (
     UnknownRequestError,
 )
 from .records import ExperimentData, LabelledPrediction, PredictionRecord, ShadowPair
+from .rows import COLUMNS, N_COLUMNS, PruneSchedule, check_feedback, columns, record_of, row_of
 
 log = logging.getLogger(__name__)
 
@@ -77,66 +78,28 @@ _SCHEMA = (
 # Statements that take a database from version N-1 to N, for N in 2..SCHEMA_VERSION.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {}
 
-_COLUMNS = (
-    "request_id, image_index, experiment, variant, role, model, version, top5, top5_scores, latency_s, created_at"
-)  # the order of PredictionRecord's fields
-_N_COLUMNS = 11
-_INSERT = f"INSERT INTO predictions ({_COLUMNS}) VALUES ({', '.join('?' * _N_COLUMNS)}) ON CONFLICT DO NOTHING"
+_INSERT = f"INSERT INTO predictions ({COLUMNS}) VALUES ({', '.join('?' * N_COLUMNS)}) ON CONFLICT DO NOTHING"
 _PRUNE_CHUNK = 5000  # rows deleted per transaction, so other writers wait briefly
 _DAY_S = 86400.0
 
 
-def _columns(alias: str) -> str:
-    return ", ".join(f"{alias}.{c.strip()}" for c in _COLUMNS.split(","))
+def _text(value: object, _what: str, _request_id: object) -> str:
+    return str(value)
+
+
+def _json(values: list) -> str:
+    return json.dumps(values, separators=(",", ":"))
 
 
 def _row_of(record: PredictionRecord) -> tuple:
-    """Validate one record and turn it into a row (JSON for the top-5 lists)."""
-    if record.role not in ("primary", "shadow"):
-        raise ValueError(f"role must be 'primary' or 'shadow', not {record.role!r} (request {record.request_id!r})")
-    if not record.request_id:
-        raise ValueError("a prediction record needs a non-empty request_id")
-    image_index = operator.index(record.image_index)
-    if image_index < 0:
-        raise ValueError(f"image_index must be >= 0, not {image_index} (request {record.request_id!r})")
-    if len(record.top5) != len(record.top5_scores):
-        raise ValueError(
-            f"top5 has {len(record.top5)} classes but top5_scores {len(record.top5_scores)} scores "
-            f"(request {record.request_id!r}, variant {record.variant!r}); they must match"
-        )
-    return (
-        str(record.request_id),
-        image_index,
-        str(record.experiment),
-        str(record.variant),
-        record.role,
-        str(record.model),
-        operator.index(record.version),
-        json.dumps([operator.index(c) for c in record.top5], separators=(",", ":")),
-        json.dumps([float(s) for s in record.top5_scores], separators=(",", ":")),
-        float(record.latency_s),
-        float(record.created_at),
-    )
+    return row_of(record, _text, _json)
 
 
 def _record_of(row: Sequence, start: int = 0) -> PredictionRecord:
-    r = row[start : start + _N_COLUMNS]
-    return PredictionRecord(
-        request_id=r[0],
-        image_index=r[1],
-        experiment=r[2],
-        variant=r[3],
-        role=r[4],
-        model=r[5],
-        version=r[6],
-        top5=tuple(json.loads(r[7])),
-        top5_scores=tuple(json.loads(r[8])),
-        latency_s=r[9],
-        created_at=r[10],
-    )
+    return record_of(row, json.loads, start)
 
 
-class SQLiteStore(ExperimentStore):
+class SQLiteStore(PruneSchedule, ExperimentStore):
     def __init__(
         self,
         path: str | Path,
@@ -204,29 +167,10 @@ class SQLiteStore(ExperimentStore):
             return
         with self._using("record predictions") as conn, self._transaction(conn, write=True):
             inserted = conn.executemany(_INSERT, rows).rowcount
-        if inserted < len(rows):
-            log.warning(
-                "%d of %d prediction records were already stored under the same (request_id, image_index, role, "
-                "variant) and were kept as first written; is a client reusing X-Request-ID?",
-                len(rows) - inserted,
-                len(rows),
-            )
-        with self._lock:
-            self._inserted_since_prune += max(inserted, 0)
-            due = self._inserted_since_prune >= self.prune_every
-            if due:
-                self._inserted_since_prune = 0
-        if due:
-            try:
-                self.prune(time.time())
-            except StoreError as exc:  # the records are in; retention catches up next time
-                log.warning("retention pass after recording failed: %s", exc)
+        self._after_insert(inserted, len(rows))
 
     def add_feedback(self, request_id: str, image_index: int, label: int, received_at: float) -> FeedbackOutcome:
-        image_index = operator.index(image_index)
-        label = operator.index(label)
-        if label < 0:
-            raise ValueError(f"label must be a class index >= 0, not {label}")
+        image_index, label = check_feedback(image_index, label)
         with self._using("record feedback") as conn, self._transaction(conn, write=True):
             known = conn.execute(
                 "SELECT 1 FROM predictions WHERE request_id = ? AND image_index = ? AND role = 'primary' LIMIT 1",
@@ -264,7 +208,7 @@ class SQLiteStore(ExperimentStore):
     def find_primary(self, request_id: str, image_index: int = 0) -> PredictionRecord | None:
         with self._using("look up a prediction") as conn:
             row = conn.execute(
-                f"SELECT {_COLUMNS} FROM predictions WHERE request_id = ? AND image_index = ? AND role = 'primary' "
+                f"SELECT {COLUMNS} FROM predictions WHERE request_id = ? AND image_index = ? AND role = 'primary' "
                 "ORDER BY created_at DESC, rowid DESC LIMIT 1",
                 (request_id, operator.index(image_index)),
             ).fetchone()
@@ -279,22 +223,22 @@ class SQLiteStore(ExperimentStore):
         data = ExperimentData(experiment=experiment)
         with self._using("read the experiment's data") as conn, self._transaction(conn, write=False):
             for row in conn.execute(
-                f"SELECT {_columns('p')}, f.label, f.received_at FROM predictions AS p "
+                f"SELECT {columns('p')}, f.label, f.received_at FROM predictions AS p "
                 "LEFT JOIN feedback AS f ON f.request_id = p.request_id AND f.image_index = p.image_index "
                 f"WHERE {where} ORDER BY p.created_at, p.rowid",
                 params,
             ):
                 data.primaries.append(
-                    LabelledPrediction(_record_of(row), label=row[_N_COLUMNS], labelled_at=row[_N_COLUMNS + 1])
+                    LabelledPrediction(_record_of(row), label=row[N_COLUMNS], labelled_at=row[N_COLUMNS + 1])
                 )
             for row in conn.execute(
-                f"SELECT {_columns('p')}, {_columns('s')} FROM predictions AS p "
+                f"SELECT {columns('p')}, {columns('s')} FROM predictions AS p "
                 "JOIN predictions AS s ON s.request_id = p.request_id AND s.image_index = p.image_index "
                 "AND s.role = 'shadow' AND s.experiment = p.experiment "
                 f"WHERE {where} ORDER BY p.created_at, p.rowid, s.variant",
                 params,
             ):
-                data.shadow_pairs.append(ShadowPair(primary=_record_of(row), shadow=_record_of(row, _N_COLUMNS)))
+                data.shadow_pairs.append(ShadowPair(primary=_record_of(row), shadow=_record_of(row, N_COLUMNS)))
         return data
 
     def prune(self, now: float) -> int:
