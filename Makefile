@@ -11,7 +11,7 @@ DEFAULT_MODELS ?= resnet18,resnet50
 PYTEST_ARGS ?=
 PORT ?= 8000
 
-.PHONY: install models serve test test-fast bench schema
+.PHONY: install models serve test test-fast test-services bench schema
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,18 @@ models: install
 serve: models
 	$(BIN)/python -m service --models-dir $(MODELS_DIR) --port $(PORT)
 
-test: install
+# Services some tests use: a throwaway PostgreSQL on 127.0.0.1:55432 (.ci/postgres.sh) and
+# promtool, both Debian packages (installing them needs root). Missing, their tests fail under
+# CI=true and are skipped otherwise, with the reason.
+test-services:
+	@bash .ci/postgres.sh >/dev/null || { [ -z "$$CI" ] && echo "note: no PostgreSQL: the PostgreSQL store tests will be skipped" >&2; }
+	@bash .ci/promtool.sh || { [ -z "$$CI" ] && echo "note: no promtool: the promtool checks will be skipped" >&2; }
+
+test: install test-services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Everything but the deep models (CI runs them all).
-test-fast: install
+test-fast: install test-services
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 schema: install

@@ -222,5 +222,6 @@ class ModelTable:
 
     def with_models(self, added: list[ServedModel], removed: list[ServedModel] = ()) -> "ModelTable":
         gone = {id(m) for m in removed}
-        kept = [m for m in self if id(m) not in gone and (m.name, m.version) not in {(a.name, a.version) for a in added}]
+        replaced = {(a.name, a.version) for a in added}
+        kept = [m for m in self if id(m) not in gone and (m.name, m.version) not in replaced]
         return ModelTable(kept + list(added))
