@@ -6,6 +6,8 @@ Models that take long on a 2-core CPU are marked ``slow``.
 
 from __future__ import annotations
 
+import importlib
+
 import ast
 from pathlib import Path
 from typing import Callable, Iterable
@@ -32,7 +34,7 @@ def _params(names: Iterable[str]) -> list:
 
 def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        tv = pytest.importorskip("torchvision")
+        tv = importlib.import_module("torchvision")
         return getattr(tv.models, name)(weights=None, **kwargs)
 
     return build
@@ -40,7 +42,7 @@ def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
 
 def _timm(name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        timm = pytest.importorskip("timm")
+        timm = importlib.import_module("timm")
         return timm.create_model(name, pretrained=False)
 
     return build
@@ -174,7 +176,7 @@ def test_training_only_prefixes_cover_exactly_the_aux_heads(name: str) -> None:
 @pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
 def test_half_mean_std_equals_torchvision_transform_input(name: str) -> None:
     """ImageNet normalisation + torchvision's transform_input == normalising with 0.5 / 0.5."""
-    tv = pytest.importorskip("torchvision")
+    tv = importlib.import_module("torchvision")
     spec = get_model_spec(name)
     oracle = getattr(tv.models, name)(
         weights=None, aux_logits=False, init_weights=False, transform_input=True
@@ -189,8 +191,8 @@ def test_half_mean_std_equals_torchvision_transform_input(name: str) -> None:
 
 
 def test_preprocessing_metadata_matches_the_checkpoints_it_serves() -> None:
-    tv = pytest.importorskip("torchvision")
-    timm = pytest.importorskip("timm")
+    tv = importlib.import_module("torchvision")
+    timm = importlib.import_module("timm")
     weights = {
         "resnet18": tv.models.ResNet18_Weights.IMAGENET1K_V1,
         "resnet34": tv.models.ResNet34_Weights.IMAGENET1K_V1,
@@ -236,7 +238,7 @@ def test_parameter_count(name: str) -> None:
 
 
 def test_inception_v3_published_count_includes_aux_logits() -> None:
-    tv = pytest.importorskip("torchvision")
+    tv = importlib.import_module("torchvision")
     with_aux = _n_params(tv.models.inception_v3(weights=None, aux_logits=True, init_weights=False))
     assert with_aux == 27_161_264
     assert _n_params(build_model("inception_v3")) == with_aux - _inception_v3_aux_params()
