@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s) or None,
         proxy_headers=False,
+        access_log=settings.access_log,
     )
     try:
         if settings.workers == 1:

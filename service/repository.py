@@ -32,6 +32,7 @@ class ServedModel:
     preprocess: PreprocessSpec
     instances: int
     labels: np.ndarray = field(repr=False)
+    padded_sizes: list[int] | None = None  # batches are padded up to one of these sizes
 
     def describe(self, settings: Settings) -> dict:
         m = self.manifest
@@ -53,6 +54,7 @@ class ServedModel:
                 "max_queue_delay_ms": settings.max_queue_delay_ms,
                 "max_queue_size": settings.max_queue_size,
                 "instances": self.instances,
+                "padded_sizes": self.padded_sizes,
             },
             "params": m.complexity.params,
             "gflops": m.complexity.gflops,
@@ -132,10 +134,12 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
     if settings.warmup:
         engine.warmup(warmup_batch_sizes(settings.max_batch_size))
     instances = settings.instances or (2 if engine.provider == CUDA else 1)
+    pad = settings.pad_batches == "always" or (settings.pad_batches == "auto" and engine.provider == CUDA)
+    padded_sizes = warmup_batch_sizes(settings.max_batch_size) if pad else None
     labels = (str(version),)
     observe = _batch_observer(metrics, name, str(version))
     batcher = Batcher(
-        _stacked(engine),
+        _stacked(engine, padded_sizes),
         max_batch_size=settings.max_batch_size,
         max_queue_size=settings.max_queue_size,
         instances=instances,
@@ -155,14 +159,29 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
             interpolation=manifest.preprocessing.interpolation, max_pixels=settings.max_image_pixels,
         ),
         instances=instances,
+        padded_sizes=padded_sizes,
         labels=np.asarray(manifest.labels, dtype=object),
     )
 
 
-def _stacked(engine: OnnxEngine):
+def padded_size(count: int, sizes: list[int] | None) -> int:
+    """The smallest of ``sizes`` that holds ``count`` items (``count`` itself if none does, or no sizes)."""
+    if not sizes:
+        return count
+    return next((size for size in sorted(sizes) if size >= count), count)
+
+
+def _stacked(engine: OnnxEngine, sizes: list[int] | None = None):
+    """The batcher's ``run_batch``: stack the items, padded with zeros to one of ``sizes`` if given."""
+
     def run_batch(items: list[np.ndarray]) -> list[np.ndarray]:
-        logits = engine.run(np.stack(items))
-        return list(logits)
+        count = len(items)
+        size = padded_size(count, sizes)
+        if size == count:
+            return list(engine.run(np.stack(items)))
+        batch = np.zeros((size, *items[0].shape), dtype=items[0].dtype)
+        np.stack(items, out=batch[:count])
+        return list(engine.run(batch)[:count])
 
     return run_batch
 

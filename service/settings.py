@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     cudnn_exhaustive: bool = True
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per session; 0 = one per core.")
     instances: int = Field(0, ge=0, description="Concurrent batches per model; 0 = 2 on CUDA, 1 on CPU.")
+    pad_batches: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Pad each batch with blank images up to the next warmed-up size (1, 2, 4, ... max_batch_size), "
+        "so no batch size the engine has not seen reaches it (on CUDA a new shape costs a cuDNN algorithm search "
+        "of up to seconds); auto = on CUDA only.",
+    )
 
     # Batching and limits
     max_batch_size: int = Field(32, ge=1)
@@ -67,6 +73,7 @@ class Settings(BaseSettings):
     store_max_predictions: int = Field(1_000_000, ge=1000)
     shadow_timeout_s: float = Field(30.0, gt=0, description="A shadow run not finished by then is dropped.")
     log_level: str = "info"
+    access_log: bool = Field(True, description="Log one line per request (uvicorn's access log).")
 
     @field_validator("models", mode="before")
     @classmethod

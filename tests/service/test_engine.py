@@ -6,10 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from modelrepo import load_manifest
 from service.engine import CPU, EngineConfig, ModelLoadError, OnnxEngine, cuda_available, verify_files
-from service.repository import plan_versions, warmup_batch_sizes
+from service.metrics import Metrics
+from service.repository import _stacked, load_model, padded_size, plan_versions, warmup_batch_sizes
 from service.settings import Settings
 
 
@@ -93,3 +95,34 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("ARCHSERVE_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError, match="max_batch_size"):
         Settings()
+
+
+def test_padded_size_is_the_smallest_warmed_size_that_holds_the_batch():
+    sizes = warmup_batch_sizes(24)
+    assert [padded_size(n, sizes) for n in (1, 2, 3, 5, 9, 17, 24)] == [1, 2, 4, 8, 16, 24, 24]
+    assert padded_size(7, None) == 7
+    assert padded_size(30, sizes) == 30  # larger than every size: unpadded, never truncated
+
+
+def test_padded_batches_give_each_item_its_own_logits(version_dir):
+    """Padding changes the shape the engine sees, never an item's result or the count returned."""
+    engine = OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="cpu"))
+    seen = []
+    real_run = engine.run
+    engine.run = lambda batch: (seen.append(batch.shape[0]), real_run(batch))[1]
+    rng = np.random.default_rng(3)
+    items = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
+    padded = _stacked(engine, warmup_batch_sizes(8))(items)
+    plain = _stacked(engine)(items)
+    assert seen == [4, 3]
+    assert len(padded) == 3
+    np.testing.assert_allclose(np.stack(padded), np.stack(plain), rtol=1e-4, atol=1e-4)
+
+
+def test_served_models_report_their_padding(version_dir):
+    settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=8, pad_batches="always", warmup=False)
+    served = load_model("resnet18", 1, settings, Metrics(CollectorRegistry()))
+    assert served.padded_sizes == [1, 2, 4, 8]
+    assert served.describe(settings)["batching"]["padded_sizes"] == [1, 2, 4, 8]
+    auto = load_model("resnet18", 1, settings.model_copy(update={"pad_batches": "auto"}), Metrics(CollectorRegistry()))
+    assert auto.padded_sizes == ([1, 2, 4, 8] if auto.engine.provider == "CUDAExecutionProvider" else None)
