@@ -133,7 +133,7 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
     engine = OnnxEngine(path, manifest, config)
     if settings.warmup:
         engine.warmup(warmup_batch_sizes(settings.max_batch_size))
-    instances = settings.instances or (2 if engine.provider == CUDA else 1)
+    instances = settings.instances or 1  # two on one CUDA session measured far slower: docs/benchmarks.md
     pad = settings.pad_batches == "always" or (settings.pad_batches == "auto" and engine.provider == CUDA)
     padded_sizes = warmup_batch_sizes(settings.max_batch_size) if pad else None
     labels = (str(version),)

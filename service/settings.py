@@ -34,7 +34,11 @@ class Settings(BaseSettings):
     cuda_mem_limit_gb: float = Field(0.0, ge=0, description="CUDA memory arena limit per session; 0 = no limit.")
     cudnn_exhaustive: bool = True
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per session; 0 = one per core.")
-    instances: int = Field(0, ge=0, description="Concurrent batches per model; 0 = 2 on CUDA, 1 on CPU.")
+    instances: int = Field(
+        0, ge=0,
+        description="Concurrent batches per model; 0 = 1. On an H200, two concurrent runs of one CUDA session made "
+        "every batch over 15x slower (docs/benchmarks.md), so raise it only after measuring.",
+    )
     pad_batches: Literal["auto", "always", "never"] = Field(
         "auto",
         description="Pad each batch with blank images up to the next warmed-up size (1, 2, 4, ... max_batch_size), "
