@@ -13,6 +13,10 @@ so it can be tested anywhere). Steps, each optional (``--steps``):
 ``engine``  ``bench.engine`` (the server's own ``OnnxEngine``) per model at
             batch 1, 8, 32, 128; on CUDA also ResNet-50 with the input
             already on the GPU (IO binding): the ceiling without the host copy.
+``sessions`` one session under the server's access patterns (one thread at a
+            fixed batch size, two threads at once, shapes alternating between
+            two padded sizes), with the server's CUDA options and with single
+            options changed: what makes a batch slow inside the server.
 ``serve``   ``python -m service`` on ResNet-50 (``--require-gpu`` on CUDA,
             batches up to 128), checks that the model reports the provider
             and precision expected (CUDA + fp16 on a GPU), then drives it with
@@ -49,7 +53,7 @@ from pathlib import Path
 from . import loadgen
 from .run import PY, ROOT, CpuMeter, Server, free_port, git_state
 
-STEPS = ("facts", "export", "decode", "engine", "serve")
+STEPS = ("facts", "export", "decode", "engine", "sessions", "serve")
 DEFAULT_MODELS = ("resnet50", "resnet34", "se_resnet50", "googlenet", "inception_v3")
 SERVED_MODEL = "resnet50"
 BATCH_SIZES = (1, 8, 32, 128)
@@ -251,6 +255,73 @@ def engine_on_device_input(models_dir: Path, name: str, batch: int, device_id: i
             "ms_per_batch": round(1000 * median, 3), "img_s": round(batch / median, 1)}
 
 
+def session_patterns(models_dir: Path, name: str, batch: int, device: str, device_id: int, seconds: float) -> dict:
+    """img/s of one session: 1 thread, 2 threads on the same session, alternating batch sizes; per option set."""
+    import threading
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from modelrepo.manifest import load_manifest
+    from service.engine import CPU, EngineConfig, _cuda_options
+
+    from .engine import version_dir
+
+    path = version_dir(models_dir, name)
+    manifest = load_manifest(path)
+    cuda = wants_cuda(device)
+    precision = "fp16" if cuda and "fp16" in manifest.files else ("fp32" if "fp32" in manifest.files else "fp16")
+    variants = {"server options": {}}
+    if cuda:
+        variants.update({
+            "arena kNextPowerOfTwo": {"arena_extend_strategy": "kNextPowerOfTwo"},
+            "cudnn max workspace off": {"cudnn_conv_use_max_workspace": "0"},
+            "copies on their own stream": {"do_copy_in_default_stream": "0"},
+        })
+    _, h, w, c = manifest.input.shape
+    inputs = {b: np.zeros((b, h, w, c), np.uint8) for b in (batch, 2 * batch)}
+    feed = manifest.input.name
+    out: dict = {"model": name, "batch": batch, "precision": precision, "variants": {}}
+    for label, extra in variants.items():
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = [CPU]
+        if cuda:
+            providers = [("CUDAExecutionProvider", {**_cuda_options(EngineConfig(device_id=device_id)), **extra}), CPU]
+        try:
+            session = ort.InferenceSession(str(path / manifest.files[precision].path), options, providers=providers)
+        except Exception as exc:
+            out["variants"][label] = {"error": str(exc)[:500]}
+            continue
+        for x in inputs.values():
+            for _ in range(2):
+                session.run(None, {feed: x})
+
+        def loop(sizes: list[int], counter: list[int], until: float) -> None:
+            i = 0
+            while time.perf_counter() < until:
+                size = sizes[i % len(sizes)]
+                session.run(None, {feed: inputs[size]})
+                counter[0] += size
+                i += 1
+
+        row = {"provider": session.get_providers()[0], "options": extra}
+        for pattern, threads, sizes in (("1 thread", 1, [batch]), ("2 threads", 2, [batch]),
+                                        ("alternating sizes", 1, [batch, 2 * batch])):
+            counters = [[0] for _ in range(threads)]
+            started = time.perf_counter()
+            until = started + seconds
+            workers = [threading.Thread(target=loop, args=(sizes, counter, until)) for counter in counters]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            row[pattern] = round(sum(c[0] for c in counters) / (time.perf_counter() - started), 1)
+        log(f"session {name} b{batch} [{label}]: {row}")
+        out["variants"][label] = row
+    return out
+
+
 # ---------------------------------------------------------------------------- serving
 
 
@@ -296,6 +367,20 @@ def wait_ready(server: Server, timeout: float) -> float:
     raise RuntimeError(f"not ready within {timeout:g}s\n{server.log_tail()}")
 
 
+def model_info(server: Server, model: str, workers: int, timeout: float = 60.0) -> dict:
+    """``GET /models/{model}`` once every worker answers ready (with several workers, one ready is not all)."""
+    target = loadgen.Target("127.0.0.1", server.port)
+    needed, streak, started = 4 * workers, 0, time.monotonic()
+    while streak < needed and time.monotonic() - started < timeout:
+        status = None
+        with contextlib.suppress(Exception):
+            status, _ = loadgen.run_async(loadgen.http_get(target, "/health/ready", timeout=2.0))
+        streak = streak + 1 if status == 200 else 0
+        if status != 200:
+            time.sleep(0.25)
+    return server.get_json(f"/models/{model}") or {}
+
+
 def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -> dict:
     """ResNet-50 behind ``python -m service`` in each server configuration, with its load points."""
     configs = [
@@ -329,7 +414,7 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
             results[config["label"]] = {"skipped": "the time budget was spent"}
             continue
         port = free_port()
-        argv = [PY, "-m", "service", "--port", str(port), "--models-dir", str(models_dir), "--models", SERVED_MODEL,
+        argv = [PY, "-m", "service", "--port", str(port), "--models-dir", str(models_dir), "--models", args.serve_model,
                 "--max-batch-size", str(args.max_batch_size), "--workers", str(config["workers"]),
                 "--log-level", "warning", "--device", args.device]
         if cuda:
@@ -343,7 +428,7 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
             with Server(f"archserve {config['label']}", argv, port, logs / f"archserve-{config['label']}.log",
                         env) as server:
                 result["ready_s"] = round(wait_ready(server, args.ready_timeout), 1)
-                info = server.get_json(f"/models/{SERVED_MODEL}") or {}
+                info = model_info(server, args.serve_model, config["workers"])
                 version = (info.get("versions") or [{}])[-1]
                 result["provider"], result["precision"] = version.get("provider"), version.get("precision")
                 result["batching"] = version.get("batching")
@@ -361,7 +446,7 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
                         result[label] = {"skipped": "the time budget was spent"}
                         continue
                     meter = CpuMeter(None)
-                    report = loadgen_point(server.url, SERVED_MODEL, out, f"{config['label']}-{label}",
+                    report = loadgen_point(server.url, args.serve_model, out, f"{config['label']}-{label}",
                                            concurrency=clients, duration=d, warmup=w, extra=extra)
                     report["machine_cpu"] = meter.stop()
                     result[label] = report
@@ -457,7 +542,16 @@ def markdown(data: dict) -> str:
             r = _batch_row(e, b)
             cells.append("—" if r is None else (f"{r['ms_per_batch']:.2f} ms" if b == 1 else f"{r['img_s']:,.0f}"))
         lines.append(f"| {name} | {e['provider']} | {e['precision']} | " + " | ".join(cells) + " |")
-    lines += ["", "Serving (ResNet-50), per load point:", "", "| server | point | img/s | p50 ms | p99 ms | "
+    sessions = data.get("sessions") or {}
+    if sessions.get("variants"):
+        lines += ["", f"One session of {sessions['model']} ({sessions['precision']}), batch {sessions['batch']}, img/s:", "",
+                  "| options | 1 thread | 2 threads on the session | alternating batch sizes |", "|---|---|---|---|"]
+        for label, row in sessions["variants"].items():
+            if "error" in row:
+                lines.append(f"| {label} | error: {row['error'][:80]} | | |")
+            else:
+                lines.append(f"| {label} | {row['1 thread']:,} | {row['2 threads']:,} | {row['alternating sizes']:,} |")
+    lines += ["", "Serving, per load point:", "", "| server | point | img/s | p50 ms | p99 ms | "
               "server p50 ms | mean batch | errors |", "|---|---|---|---|---|---|---|---|"]
     for config, result in data.get("serve", {}).items():
         if not isinstance(result, dict):
@@ -490,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-budget-s", type=float, default=1.5, help="timed seconds per engine batch size")
     p.add_argument("--decode-s", type=float, default=4.0, help="seconds per decode-ceiling measurement")
     p.add_argument("--parity-samples", type=int, default=20)
+    p.add_argument("--sessions-batch", type=int, default=32, help="batch size of the sessions step")
+    p.add_argument("--serve-model", default=SERVED_MODEL, help="the model behind the server")
     p.add_argument("--max-batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=8, help="worker processes of the second server (1: skip it)")
     p.add_argument("--decode-threads-per-worker", type=int, default=2)
@@ -516,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration, args.warmup, args.engine_budget_s, args.decode_s = 2.0, 0.5, 0.3, 1.0
         args.clients, args.clients_multi, args.phone_clients, args.v2_clients, args.v2_clients_multi = 4, 4, 2, 2, 2
-        args.v2_batch, args.workers = 4, min(args.workers, 2)
+        args.v2_batch, args.workers, args.sessions_batch = 4, min(args.workers, 2), 2
     deadline = time.monotonic() + args.budget_s
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -531,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         log(json.dumps(results.data["facts"]))
     if "export" in steps:
         precision = "fp16" if cuda else "fp32"
-        needed = sorted(set(models) | {SERVED_MODEL})
+        needed = sorted(set(models) | {args.serve_model})
         results.put("export", export_models(models_dir, needed, precision, args.parity_samples))
     if "decode" in steps:
         sizes = [(500, 375), (4032, 3024)]
@@ -546,6 +642,13 @@ def main(argv: list[str] | None = None) -> int:
                 report = {"error": str(exc)}
             log(f"engine {SERVED_MODEL} with input on the GPU: {report}")
             results.put("engine_device_input", report)
+    if "sessions" in steps:
+        try:
+            report = session_patterns(models_dir, args.serve_model, args.sessions_batch, args.device, args.device_id,
+                                      args.engine_budget_s)
+        except (Exception, SystemExit) as exc:
+            report = {"error": str(exc)}
+        results.put("sessions", report)
     if "serve" in steps:
         results.put("serve", serve_runs(models_dir, out, args, cuda, deadline))
     results.put("summary", summarise(results.data, args))

@@ -1,0 +1,48 @@
+"""bench.gpu, the GPU run, end to end on the CPU: the same script the GPU machine runs, with the CPU provider."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_repo, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--quick", "--device", "cpu", "--models-dir", str(exported_repo),
+         "--models", "resnet18", "--serve-model", "resnet18", "--batch-sizes", "1,2",
+         "--steps", "facts,decode,engine,sessions,serve", "--out", str(out), "--decode-s", "0.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "gpu-results.json").read_text())
+
+    assert data["facts"]["device"] == "cpu" and data["facts"]["cores"] >= 1
+    for size in ("500x375", "4032x3024"):
+        assert data["decode"][size]["one_process"]["img_s"] > 0
+    engine = data["engine"]["resnet18"]
+    assert engine["provider"] == "CPUExecutionProvider" and engine["precision"] == "fp32"
+    assert [b["batch_size"] for b in engine["batches"]] == [1, 2]
+    patterns = data["sessions"]["variants"]["server options"]
+    assert all(patterns[p] > 0 for p in ("1 thread", "2 threads", "alternating sizes"))
+
+    serve = data["serve"]
+    for config in ("w1", "w2"):
+        assert serve[config]["provider_check"] == "ok", serve[config]
+        points = {k: v for k, v in serve[config].items() if k.startswith(("jpeg", "v2", "phone"))}
+        assert len(points) == 3
+        for label, report in points.items():
+            assert report["errors"] == {} and report["ok"] > 0, (config, label, report)
+            assert report["throughput_img_s"] > 0
+    assert serve["w1"]["v2-b4-c2"]["images_per_request"] == 4
+    assert serve["w2"]["batching"]["instances"] == 1
+
+    table = (out / "gpu-results.md").read_text()
+    assert "| w1 | jpeg-c1 |" in table and "| resnet18 | CPUExecutionProvider | fp32 |" in table
