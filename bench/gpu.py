@@ -15,8 +15,9 @@ so it can be tested anywhere). Steps, each optional (``--steps``):
             already on the GPU (IO binding): the ceiling without the host copy.
 ``sessions`` one session under the server's access patterns (one thread at a
             fixed batch size, two threads at once, shapes alternating between
-            two padded sizes), with the server's CUDA options and with single
-            options changed: what makes a batch slow inside the server.
+            two padded sizes, the first run of each size in a new thread),
+            with the server's CUDA options and with single options changed:
+            what makes a batch slow inside the server.
 ``serve``   ``python -m service`` on ResNet-50 (``--require-gpu`` on CUDA,
             batches up to 128), checks that the model reports the provider
             and precision expected (CUDA + fp16 on a GPU), then drives it with
@@ -317,6 +318,18 @@ def session_patterns(models_dir: Path, name: str, batch: int, device: str, devic
             for t in workers:
                 t.join()
             row[pattern] = round(sum(c[0] for c in counters) / (time.perf_counter() - started), 1)
+        first: dict[str, float] = {}
+
+        def fresh_thread() -> None:  # a thread that never ran this session: its first run at each size
+            for size, x in inputs.items():
+                started = time.perf_counter()
+                session.run(None, {feed: x})
+                first[f"b{size}"] = round(1000 * (time.perf_counter() - started), 2)
+
+        t = threading.Thread(target=fresh_thread)
+        t.start()
+        t.join()
+        row["first run in a new thread, ms"] = first
         log(f"session {name} b{batch} [{label}]: {row}")
         out["variants"][label] = row
     return out
@@ -545,12 +558,15 @@ def markdown(data: dict) -> str:
     sessions = data.get("sessions") or {}
     if sessions.get("variants"):
         lines += ["", f"One session of {sessions['model']} ({sessions['precision']}), batch {sessions['batch']}, img/s:", "",
-                  "| options | 1 thread | 2 threads on the session | alternating batch sizes |", "|---|---|---|---|"]
+                  "| options | 1 thread | 2 threads on the session | alternating batch sizes | "
+                  "first run per size in a new thread |", "|---|---|---|---|---|"]
         for label, row in sessions["variants"].items():
             if "error" in row:
                 lines.append(f"| {label} | error: {row['error'][:80]} | | |")
             else:
-                lines.append(f"| {label} | {row['1 thread']:,} | {row['2 threads']:,} | {row['alternating sizes']:,} |")
+                first = ", ".join(f"{k} {v} ms" for k, v in row["first run in a new thread, ms"].items())
+                lines.append(f"| {label} | {row['1 thread']:,} | {row['2 threads']:,} | {row['alternating sizes']:,} | "
+                             f"{first} |")
     lines += ["", "Serving, per load point:", "", "| server | point | img/s | p50 ms | p99 ms | "
               "server p50 ms | mean batch | errors |", "|---|---|---|---|---|---|---|---|"]
     for config, result in data.get("serve", {}).items():

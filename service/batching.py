@@ -111,7 +111,10 @@ class Batcher(Generic[T, R]):
     """Groups concurrent ``submit`` calls into calls of ``run_batch``.
 
     ``run_batch`` gets a list of up to ``max_batch_size`` items and must return
-    one output per item, in order; it runs in a thread, ``instances`` at a time.
+    one output per item, in order; it runs in one of ``instances`` threads, each
+    kept for the batcher's life. ``warmup``, if given, runs once in each of those
+    threads during ``start()``, before any batch (an exception it raises fails
+    ``start``): per-thread runtime state is warm where the batches run.
     Callbacks (``on_batch``, ``on_queue_depth``, ``on_expired``) run on the
     event loop and must be quick; an exception they raise is logged and ignored.
     ``on_expired`` counts requests whose deadline passed before they were run.
@@ -139,6 +142,7 @@ class Batcher(Generic[T, R]):
         max_low_queue_size: int | None = None,
         shed_depth: int | None = None,
         on_shed: Callable[[int], None] | None = None,
+        warmup: Callable[[], None] | None = None,
     ) -> None:
         if not callable(run_batch):
             raise TypeError(f"run_batch must be callable, got {type(run_batch).__name__}")
@@ -157,12 +161,13 @@ class Batcher(Generic[T, R]):
             )
         for label, callback in (
             ("on_batch", on_batch), ("on_queue_depth", on_queue_depth), ("on_expired", on_expired),
-            ("on_shed", on_shed),
+            ("on_shed", on_shed), ("warmup", warmup),
         ):
             if callback is not None and not callable(callback):
                 raise TypeError(f"{label} must be callable or None, got {type(callback).__name__}")
 
         self._run_batch = run_batch
+        self._warmup = warmup
         self._max_queue_delay_s = float(max_queue_delay_ms) / 1000.0
         self._name = name
         self._label = f"batcher {name!r}" if name else "batcher"
@@ -179,7 +184,7 @@ class Batcher(Generic[T, R]):
         self._closing = False
         self._abandoned_threads = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executors: list[ThreadPoolExecutor] = []
         self._available: asyncio.Event | None = None
         self._collect_lock: asyncio.Lock | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -212,11 +217,22 @@ class Batcher(Generic[T, R]):
         self._loop = asyncio.get_running_loop()
         self._available = asyncio.Event()
         self._collect_lock = asyncio.Lock()
-        self._executor = ThreadPoolExecutor(
-            max_workers=self._instances, thread_name_prefix=f"batcher-{self._name}" if self._name else "batcher"
-        )
+        prefix = f"batcher-{self._name}" if self._name else "batcher"
+        # One thread per instance, for its whole life: runtimes keep per-thread state (onnxruntime's CUDA
+        # provider: cuDNN/cuBLAS handles and what they cache per shape), so the warm-up runs in the very
+        # threads that will run the batches.
+        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{prefix}-{i}")
+                           for i in range(self._instances)]
+        if self._warmup is not None:
+            try:
+                await asyncio.gather(*(self._loop.run_in_executor(ex, self._warmup) for ex in self._executors))
+            except BaseException:
+                for executor in self._executors:
+                    executor.shutdown(wait=False, cancel_futures=True)
+                raise
         self._workers = [
-            self._loop.create_task(self._worker(), name=f"{self._label} worker {i}") for i in range(self._instances)
+            self._loop.create_task(self._worker(self._executors[i]), name=f"{self._label} worker {i}")
+            for i in range(self._instances)
         ]
         self._started = True
 
@@ -258,7 +274,7 @@ class Batcher(Generic[T, R]):
         self._closing = True
         if not self._started:
             return
-        assert self._available is not None and self._executor is not None
+        assert self._available is not None and self._executors
         if not drain:
             self._fail_queued("the batcher was closed without draining its queue")
         self._available.set()
@@ -278,7 +294,8 @@ class Batcher(Generic[T, R]):
                 worker.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self._fail_queued("the batcher was closed before this request was run")
-        self._executor.shutdown(wait=not self._abandoned_threads, cancel_futures=True)
+        for executor in self._executors:
+            executor.shutdown(wait=not self._abandoned_threads, cancel_futures=True)
 
     def _admit(self, items: list[Any], deadline: float | None, priority: str = "normal") -> list[_Entry]:
         if priority not in ("normal", "low"):
@@ -458,13 +475,13 @@ class Batcher(Generic[T, R]):
             except TimeoutError:
                 return
 
-    async def _worker(self) -> None:
+    async def _worker(self, executor: ThreadPoolExecutor) -> None:
         while True:
             batch = await self._next_batch()
             if batch is None:
                 return
             try:
-                await self._dispatch(batch)
+                await self._dispatch(batch, executor)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -472,14 +489,14 @@ class Batcher(Generic[T, R]):
                 for entry in batch:
                     self._fail(entry, BatchFailedError(f"{self._label}: internal error while running the batch"))
 
-    async def _dispatch(self, batch: list[_Entry]) -> None:
+    async def _dispatch(self, batch: list[_Entry], executor: ThreadPoolExecutor) -> None:
         assert self._loop is not None
         dispatched_at = time.monotonic()
         waits = [dispatched_at - e.enqueued_at for e in batch]
         self._in_flight += len(batch)
         try:
             outputs, error, run_s = await self._loop.run_in_executor(
-                self._executor, self._timed_run, [e.item for e in batch]
+                executor, self._timed_run, [e.item for e in batch]
             )
         except asyncio.CancelledError:
             for entry in batch:

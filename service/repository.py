@@ -131,8 +131,6 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         intra_op_threads=settings.intra_op_threads,
     )
     engine = OnnxEngine(path, manifest, config)
-    if settings.warmup:
-        engine.warmup(warmup_batch_sizes(settings.max_batch_size))
     instances = settings.instances or 1  # two on one CUDA session measured far slower: docs/benchmarks.md
     pad = settings.pad_batches == "always" or (settings.pad_batches == "auto" and engine.provider == CUDA)
     padded_sizes = warmup_batch_sizes(settings.max_batch_size) if pad else None
@@ -148,6 +146,8 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         on_batch=observe,
         on_queue_depth=metrics.queue_depth.labels(name, *labels).set,
         on_expired=metrics.expired.labels(name, *labels).inc,
+        # Every batch size, in each thread that will run batches (the batcher's start awaits it).
+        warmup=(lambda: engine.warmup(warmup_batch_sizes(settings.max_batch_size))) if settings.warmup else None,
     )
     metrics.model_info.labels(
         name, str(version), manifest.architecture, engine.precision, engine.provider, manifest.weights.source

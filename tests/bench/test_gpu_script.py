@@ -32,6 +32,7 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
     assert [b["batch_size"] for b in engine["batches"]] == [1, 2]
     patterns = data["sessions"]["variants"]["server options"]
     assert all(patterns[p] > 0 for p in ("1 thread", "2 threads", "alternating sizes"))
+    assert set(patterns["first run in a new thread, ms"]) == {"b2", "b4"}
 
     serve = data["serve"]
     for config in ("w1", "w2"):

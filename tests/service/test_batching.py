@@ -170,6 +170,43 @@ async def test_two_instances_run_two_batches_concurrently():
     assert len(threads) == 2
 
 
+async def test_warmup_runs_once_in_each_thread_that_runs_batches_before_any_batch():
+    """Runtimes keep per-thread state (CUDA handles), so each batch thread is warmed, and only those."""
+    warmed: list[int] = []
+    ran: set[int] = set()
+    barrier = threading.Barrier(2, timeout=5)
+
+    def warmup() -> None:
+        warmed.append(threading.get_ident())
+
+    def run_batch(items: list[int]) -> list[int]:
+        assert threading.get_ident() in warmed, "a batch ran in a thread that was not warmed up"
+        ran.add(threading.get_ident())
+        barrier.wait()  # both instances busy at once: two distinct threads
+        return [x * 2 for x in items]
+
+    engine = FakeEngine()
+    async with running(engine, run_batch, max_batch_size=1, instances=2, warmup=warmup) as batcher:
+        assert len(warmed) == 2 and len(set(warmed)) == 2 and threading.get_ident() not in warmed
+        for _ in range(3):
+            assert await asyncio.gather(*spawn(batcher, [1, 2])) == [2, 4]
+    assert ran == set(warmed) and len(warmed) == 2
+
+
+async def test_a_failing_warmup_fails_start_and_runs_nothing():
+    engine = FakeEngine()
+
+    def warmup() -> None:
+        raise RuntimeError("out of GPU memory")
+
+    batcher: Batcher[int, int] = Batcher(engine, max_batch_size=4, max_queue_size=8, warmup=warmup)
+    with pytest.raises(RuntimeError, match="out of GPU memory"):
+        await batcher.start()
+    with pytest.raises(RuntimeError, match="not started"):
+        await batcher.submit(1)
+    assert engine.batches == []
+
+
 async def test_queue_full_rejects_at_once_and_service_continues():
     engine = FakeEngine()
     async with running(engine, max_batch_size=1, max_queue_size=2) as batcher:

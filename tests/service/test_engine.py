@@ -126,3 +126,27 @@ def test_served_models_report_their_padding(version_dir):
     assert served.describe(settings)["batching"]["padded_sizes"] == [1, 2, 4, 8]
     auto = load_model("resnet18", 1, settings.model_copy(update={"pad_batches": "auto"}), Metrics(CollectorRegistry()))
     assert auto.padded_sizes == ([1, 2, 4, 8] if auto.engine.provider == "CUDAExecutionProvider" else None)
+
+
+def test_warmup_runs_every_batch_size_in_the_batch_thread_when_the_batcher_starts(version_dir):
+    import asyncio
+    import threading
+
+    settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, device="cpu")
+    served = load_model("resnet18", 1, settings, Metrics(CollectorRegistry()))
+    calls = []
+    real_run = served.engine.run
+    served.engine.run = lambda batch: (calls.append((batch.shape[0], threading.get_ident())), real_run(batch))[1]
+    assert calls == []  # loading alone runs nothing: the warm-up belongs to the threads that serve
+
+    async def start_and_classify():
+        await served.batcher.start()
+        try:
+            return await served.batcher.submit(np.zeros((224, 224, 3), np.uint8))
+        finally:
+            await served.batcher.close()
+
+    logits = asyncio.run(start_and_classify())
+    assert logits.shape == (1000,)
+    assert [size for size, _ in calls] == [1, 2, 4, 1]
+    assert len({thread for _, thread in calls}) == 1 and calls[0][1] != threading.get_ident()
