@@ -105,7 +105,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+    # convert() to the same mode is a full copy; the usual JPEG is RGB already.
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
@@ -139,13 +140,18 @@ def decode_for(data: bytes, spec: PreprocessSpec, *others: PreprocessSpec) -> li
             # Decode at 1/2, 1/4 or 1/8 scale when that still leaves the
             # shorter side at least `resize` pixels.
             img.draft("RGB", _shorter_side_size(width, height, spec.resize))
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # the image is ours: no copy when it needs no turn
         img = _to_rgb(img)
         arrays: dict[tuple, np.ndarray] = {}
         out = []
         for target in (spec, *others):
             key = (target.resize, target.crop, target.interpolation)
             if key not in arrays:
+                # The whole image is resized, then cropped, as the reference does. Resizing only
+                # the crop (resize(box=...)) is ~0.35 ms faster but not equal to it: Pillow takes
+                # the box as float32, and Pillow 13 picks the order of its two 8-bit passes from
+                # the call's geometry, so a box call can round (and clip bicubic overshoot) in
+                # another order than the full resize: up to 13 grey levels (bicubic) apart.
                 resized = img.resize(_shorter_side_size(*img.size, target.resize), RESAMPLE[target.interpolation])
                 arrays[key] = np.asarray(resized.crop(_centre_crop_box(*resized.size, target.crop)), dtype=np.uint8)
             out.append(arrays[key])

@@ -12,7 +12,7 @@ from PIL import Image
 
 from export.preprocess import reference_preprocess
 from service.errors import ImageTooLargeError, InvalidImageError, UnsupportedMediaTypeError
-from service.preprocess import PreprocessSpec, check_media_type, decode_image
+from service.preprocess import PreprocessSpec, check_media_type, decode_for, decode_image
 from tests.images import encode, jpeg, photo_like, variants
 
 SPECS = [
@@ -106,3 +106,51 @@ def test_unsupported_declared_types_are_415(content_type):
 )
 def test_image_and_generic_types_are_accepted(content_type):
     check_media_type(content_type)
+
+
+def _with_orientation(img: Image.Image, fmt: str, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, fmt, exif=exif.tobytes(), **({"quality": 90} if fmt == "JPEG" else {}))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("kind", ["jpeg", "png-rgba", "png-palette"])
+def test_every_exif_orientation_equals_the_reference(kind, orientation):
+    """Orientation is applied in place on the decoded image: the same pixels as the reference's copy."""
+    base = photo_like(320, 240, seed=orientation)
+    img = {
+        "jpeg": base,
+        "png-rgba": base.convert("RGBA"),
+        "png-palette": base.convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
+    }[kind]
+    data = _with_orientation(img, "JPEG" if kind == "jpeg" else "PNG", orientation)
+    spec = SPECS[1]  # 320x240 -> 456x342: upscaled, then cropped to 299
+    ours = decode_image(data, spec)
+    reference = reference_preprocess(io.BytesIO(data), spec.resize, spec.crop, spec.interpolation)
+    np.testing.assert_array_equal(ours, reference)
+    upright = decode_image(_with_orientation(img, "JPEG" if kind == "jpeg" else "PNG", 1), spec)
+    assert np.array_equal(ours, upright) == (orientation == 1)
+
+
+def test_decode_for_several_specs_equals_decoding_for_each():
+    data = VARIANTS["jpeg-exif-rotated"]
+    first, second, third = decode_for(data, SPECS[0], SPECS[2], SPECS[1])
+    assert np.array_equal(first, decode_image(data, SPECS[0]))
+    assert np.array_equal(second, decode_image(data, SPECS[2]))
+    assert np.array_equal(third, decode_image(data, SPECS[1]))
+    assert not np.array_equal(first, second)  # bilinear and bicubic really differ
+    same = decode_for(data, SPECS[0], SPECS[0])
+    assert same[0] is same[1]  # equal specs share one array
+
+
+def test_decode_for_keeps_the_primarys_draft_scale():
+    """A shadow needing more pixels must not change the primary's input (draft is chosen for it alone)."""
+    data = jpeg(2400, 1800, seed=3)
+    small, large = SPECS[0], PreprocessSpec(resize=480, crop=448, interpolation="bilinear", max_pixels=50_000_000)
+    primary, shadow = decode_for(data, small, large)
+    np.testing.assert_array_equal(primary, decode_image(data, small))
+    assert shadow.shape == (448, 448, 3)
+    # 2400x1800 is drafted to 600x450 for the primary, so the shadow's 480 is an upscale of that,
+    # not the 1200x900 draft decode_image picks for resize=480 alone.
+    assert not np.array_equal(shadow, decode_image(data, large))
