@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.load()  # live at once, ready once loaded
             await lifecycle.run_polling()  # then pick up newly published versions
 
+        freeze_startup_objects()
         loading = asyncio.create_task(load_then_poll())
         if state.store_writer is not None:
             state.spawn(state.store_writer.run(), daemon=True)
@@ -94,6 +96,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     _install_error_handlers(app)
     return app
+
+
+_startup_frozen = False
+
+
+def freeze_startup_objects() -> None:
+    """Take what startup left alive out of the cyclic GC's scans, once per process.
+
+    The ~80k objects the imports and the app leave (modules, classes, FastAPI
+    and pydantic internals) live as long as the process, yet every full
+    collection walked them all on whichever thread tripped it: measured at 16
+    clients, a ~50 ms pass on the event loop every ~1500 requests, ~5% of its
+    CPU per request (after: ~2k objects left to scan). Done before any model
+    loads, so a model version retired later is still freed; garbage from
+    before is collected first rather than frozen.
+    """
+    global _startup_frozen
+    if _startup_frozen:
+        return
+    _startup_frozen = True
+    gc.collect()
+    gc.freeze()
 
 
 def _open_store(settings: Settings):

@@ -35,17 +35,38 @@ class ClientGone(Exception):
 
 
 async def until_disconnected(request: Request, work):
-    """Run ``work``; if the client disconnects first, cancel it (its images leave the queue)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    """Run ``work``; if the client disconnects first, cancel it (its images leave the queue).
+
+    The watcher cancels ``work`` from a done-callback rather than the two being
+    raced with ``asyncio.wait`` (a waiter future, a set and four callbacks per
+    request on the event loop's thread). As before: work that finished first
+    wins (cancelling a done task does nothing), and once the client is gone the
+    request ends in ``ClientGone`` whatever the cancelled work did.
+    """
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(work)
+    watcher = loop.create_task(wait_for_disconnect(request))
+    gone = False
+
+    def on_watcher_done(finished: asyncio.Task) -> None:
+        nonlocal gone
+        if not finished.cancelled():  # disconnected (or receive failed): the client is gone either way
+            gone = task.cancel()
+
+    watcher.add_done_callback(on_watcher_done)
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise ClientGone()
+        try:
+            result = await task
+        except (Exception, asyncio.CancelledError):
+            # Cancelled because this request itself is being cancelled (shutdown): not a disconnect.
+            if gone and not asyncio.current_task().cancelling():
+                raise ClientGone() from None
+            raise
+        if gone:  # the work swallowed its cancellation
+            raise ClientGone()
+        return result
     finally:
+        watcher.remove_done_callback(on_watcher_done)
         watcher.cancel()
         if not task.done():
             task.cancel()

@@ -38,10 +38,36 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
 
 
-class Metrics:
+class LabelledChildren:
+    """``child(metric, *values)`` is ``metric.labels(*values)``, looked up once per label set.
+
+    prometheus-client resolves labels under a lock on every call; the request
+    path asks for the same few children on every request. Children are created
+    on first use (as ``labels`` would), so the exposition is unchanged. Only
+    label sets that are never ``remove``d may go through here: the cache would
+    keep a removed child alive but no longer exported (``model_info`` is removed
+    on unload, so it does not). Label values are bounded (served models,
+    experiment variants, status codes), and so is the cache.
+    """
+
+    def __init__(self) -> None:
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *values: str):
+        key = (metric, values)
+        try:
+            return self._children[key]
+        except KeyError:
+            # Two threads racing here both get the same child: labels() itself is locked.
+            child = self._children[key] = metric.labels(*values)
+            return child
+
+
+class Metrics(LabelledChildren):
     """The service's metrics, registered once per process."""
 
     def __init__(self, registry: CollectorRegistry = DEFAULT_REGISTRY) -> None:
+        super().__init__()
         self.registry = registry
         self.requests = Counter(
             "archserve_requests", "Classification requests by final HTTP status code.",
@@ -123,10 +149,11 @@ DIFFERENCE_BUCKETS = (-2.5, -1.0, -0.5, -0.25, -0.1, -0.05, -0.025, -0.01, -0.00
                       0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-class ExperimentMetrics:
+class ExperimentMetrics(LabelledChildren):
     """Per experiment and variant; label values come only from the experiments file."""
 
     def __init__(self, registry: CollectorRegistry = DEFAULT_REGISTRY) -> None:
+        super().__init__()
         self.requests = Counter(
             "archserve_experiment_requests", "Requests to an experiment by the variant that served them and status.",
             EXPERIMENT_LABELS + ("code",), registry=registry,

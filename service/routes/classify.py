@@ -72,6 +72,7 @@ async def _classify(request: Request, name: str, version: int | None, k: int) ->
     arrived = time.monotonic()
     request_id = uuid.uuid4().hex
     client_id = client_request_id(request)
+    metrics = state.metrics
     model_label, version_label = UNKNOWN_MODEL, ""
     code = 500
     in_flight = None
@@ -81,7 +82,7 @@ async def _classify(request: Request, name: str, version: int | None, k: int) ->
         route = _route(request, state, name, version)
         served = route.served
         model_label, version_label = served.name, str(served.version)
-        in_flight = state.metrics.in_flight.labels(model_label, version_label)
+        in_flight = metrics.child(metrics.in_flight, model_label, version_label)
         in_flight.inc()
         deadline = arrived + state.settings.request_timeout_s
         settings = state.settings
@@ -91,7 +92,7 @@ async def _classify(request: Request, name: str, version: int | None, k: int) ->
         if client_id is not None:
             body["client_request_id"] = client_id
         code = 200
-        state.metrics.images.labels(model_label, version_label).inc(len(body["results"]))
+        metrics.child(metrics.images, model_label, version_label).inc(len(body["results"]))
         headers = {"X-Request-ID": client_id or request_id}
         if route.experiment is not None:
             headers["X-Variant"] = route.variant.name
@@ -107,12 +108,13 @@ async def _classify(request: Request, name: str, version: int | None, k: int) ->
         if in_flight is not None:
             in_flight.dec()
         elapsed = time.monotonic() - arrived
-        state.metrics.requests.labels(model_label, version_label, str(code)).inc()
-        state.metrics.request_latency.labels(model_label, version_label).observe(elapsed)
+        metrics.child(metrics.requests, model_label, version_label, str(code)).inc()
+        metrics.child(metrics.request_latency, model_label, version_label).observe(elapsed)
         if route is not None and route.experiment is not None:
             labels = (route.experiment.name, route.variant.name)
-            state.experiment_metrics.requests.labels(*labels, str(code)).inc()
-            state.experiment_metrics.latency.labels(*labels).observe(elapsed)
+            experiment_metrics = state.experiment_metrics
+            experiment_metrics.child(experiment_metrics.requests, *labels, str(code)).inc()
+            experiment_metrics.child(experiment_metrics.latency, *labels).observe(elapsed)
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ async def _serve(
     if k > served.manifest.output.num_classes:
         raise BadRequestError(f"top_k={k} but {served.name} has {served.manifest.output.num_classes} classes")
     loop = asyncio.get_running_loop()
-    preprocess_hist = state.metrics.preprocess_latency.labels(served.name, str(served.version))
+    metrics = state.metrics
+    preprocess_hist = metrics.child(metrics.preprocess_latency, served.name, str(served.version))
 
     shadow_specs = [model.preprocess for _, model in route.shadows]
 
@@ -164,7 +167,10 @@ async def _serve(
         finally:
             preprocess_hist.observe(time.monotonic() - started)
 
-    decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, decode, p.data) for p in parts))
+    if len(parts) == 1:  # the usual request: no gather future around the one decode
+        decoded = [await loop.run_in_executor(state.decode_pool, decode, parts[0].data)]
+    else:
+        decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, decode, p.data) for p in parts))
     arrays = [d[0] for d in decoded]
     if time.monotonic() > deadline:
         raise DeadlineExceededError(
@@ -172,7 +178,7 @@ async def _serve(
             "retry, or send smaller images"
         )
     submitted = time.monotonic()
-    logits = await infer(served, list(arrays), deadline, settings.request_timeout_s)
+    logits = await infer(served, arrays, deadline, settings.request_timeout_s)
     model_latency = time.monotonic() - submitted
     results = []
     for part, row in zip(parts, logits):
@@ -196,9 +202,11 @@ async def _log_experiment(state: AppState, route: Route, request_id: str, logits
     """Log the primary predictions (before answering, so feedback can find them), then start the shadows."""
     now = time.time()
     primaries = []
+    experiment_metrics = state.experiment_metrics
+    confidence = experiment_metrics.child(experiment_metrics.confidence, route.experiment.name, route.variant.name)
     for index, row in enumerate(logits):
         top5, scores = predictions_of(row, route.served.labels)
-        state.experiment_metrics.confidence.labels(route.experiment.name, route.variant.name).observe(scores[0])
+        confidence.observe(scores[0])
         primaries.append(PredictionRecord(
             request_id=request_id, image_index=index, experiment=route.experiment.name, variant=route.variant.name,
             role="primary", model=route.served.name, version=route.served.version, top5=top5, top5_scores=scores,
