@@ -29,6 +29,15 @@ def _run(scenario):
     return asyncio.run(scenario())
 
 
+async def _sleep_noting_cancellation(seen: list[str], note: str) -> None:
+    """Work that would run 30 s; records ``note`` when it is cancelled."""
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        seen.append(note)
+        raise
+
+
 def test_work_that_finishes_first_wins_and_leaves_no_task_behind():
     async def scenario():
         request, _ = _request()
@@ -51,17 +60,9 @@ def test_a_disconnect_cancels_the_work_and_ends_in_client_gone():
     async def scenario():
         request, channel = _request()
         seen = []
-
-        async def work():
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                seen.append("cancelled")
-                raise
-
         asyncio.get_running_loop().call_later(0.01, channel.put_nowait, {"type": "http.disconnect"})
         with pytest.raises(ClientGone):
-            await until_disconnected(request, work())
+            await until_disconnected(request, _sleep_noting_cancellation(seen, "cancelled"))
         return seen
 
     assert _run(scenario) == ["cancelled"]
@@ -117,16 +118,9 @@ def test_cancelling_the_request_itself_is_a_cancellation_not_a_disconnect():
         request, channel = _request()
         seen = []
 
-        async def work():
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                seen.append("work cancelled")
-                raise
-
         async def handler():
             try:
-                await until_disconnected(request, work())
+                await until_disconnected(request, _sleep_noting_cancellation(seen, "work cancelled"))
             except ClientGone:
                 seen.append("client gone")
                 raise
