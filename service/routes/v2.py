@@ -49,8 +49,16 @@ _INFER_DOC = {
         },
     }
 }
-_PARSE_INLINE_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
-_ENCODE_INLINE_VALUES = 16 * 1024  # and larger JSON outputs encoded off it
+_PARSE_INLINE_BYTES = 256 * 1024  # larger JSON parts are parsed off the event loop
+_ENCODE_INLINE_VALUES = 16 * 1024  # and larger JSON tensors encoded off it
+
+
+def _json_bytes(body: bytes, header_length: str | None) -> int:
+    """Bytes of JSON to parse: binary tensor data after the header is only viewed, never parsed."""
+    try:
+        return min(len(body), max(0, int(header_length))) if header_length is not None else len(body)
+    except ValueError:
+        return len(body)  # the codec will refuse the header; size the work as all JSON meanwhile
 
 
 def _state(request: Request) -> AppState:
@@ -175,7 +183,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             body, request.headers.get(codec.HEADER_LENGTH), io, settings.max_images_per_request,
             settings.max_body_bytes,
         )
-        if len(body) > _PARSE_INLINE_BYTES:
+        # Off the loop only when there is much JSON to parse: the decode pool may be busy with JPEGs,
+        # and raw pixels sent as binary data cost nothing to parse.
+        if _json_bytes(body, request.headers.get(codec.HEADER_LENGTH)) > _PARSE_INLINE_BYTES:
             parsed = await asyncio.get_running_loop().run_in_executor(
                 state.decode_pool, lambda: codec.parse_infer_request(*args)
             )
@@ -183,7 +193,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             parsed = codec.parse_infer_request(*args)
         logits = await until_disconnected(request, _run(state, served, parsed, deadline))
         encode_args = (parsed, io, served.name, str(served.version), parsed.id or uuid.uuid4().hex, logits)
-        if logits.size > _ENCODE_INLINE_VALUES and not all(o.binary for o in parsed.outputs):
+        json_tensors = any(not o.binary and not o.classification for o in parsed.outputs)
+        if logits.size > _ENCODE_INLINE_VALUES and json_tensors:
             encoded = await asyncio.get_running_loop().run_in_executor(
                 state.decode_pool, lambda: codec.encode_infer_response(*encode_args)
             )

@@ -423,3 +423,29 @@ def test_v2_requests_are_counted_like_classify(client):
     assert metric(client, "archserve_images_total", **labels) == before["images"] + 2
     assert metric(client, "archserve_batch_size_count", **labels) >= before["batches"] + 1
     assert metric(client, "archserve_request_duration_seconds_count", **labels) == before["latency"] + 2
+
+
+def test_binary_pixels_and_top_k_answers_skip_the_busy_decode_pool(server, client, session):
+    """A large body of raw pixels is only viewed, and top-k answers are small: neither waits for JPEG decoding."""
+    import threading
+
+    state = server[1].state.archserve
+    release = threading.Event()
+    blockers = [state.decode_pool.submit(release.wait, 30) for _ in range(state.settings.decode_thread_count())]
+    try:
+        array = pixels(MAX_IMAGES, seed=9)  # 1.2 MB of pixels, well over the inline-parse size
+        content, headers = binary_request(
+            {"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(array.shape),
+                         "parameters": {"binary_data_size": array.nbytes}}],
+             "outputs": [{"name": "logits", "parameters": {"classification": 3}}]},
+            array.tobytes(),
+        )
+        response = client.post("/v2/models/resnet18/infer", content=content, headers=headers, timeout=10)
+        assert all(not b.done() for b in blockers), "the decode pool was free after all"
+    finally:
+        release.set()
+    assert response.status_code == 200, response.text
+    (out,) = response.json()["outputs"]
+    assert out["shape"] == [MAX_IMAGES, 3]
+    expected = session.run(None, {"image": array})[0].argmax(axis=1)
+    assert [int(row[0].split(":")[1]) for row in np.asarray(out["data"]).reshape(MAX_IMAGES, 3)] == list(expected)
