@@ -77,6 +77,16 @@ def _lookup(state: AppState, name: str, version: str | None) -> ServedModel:
     return state.models.get(name, int(version))
 
 
+def _lookup_served_or_loading(state: AppState, name: str, version: str | None) -> ServedModel:
+    """Metadata of a served model; 503 rather than 404 while the server has not loaded its models."""
+    try:
+        return _lookup(state, name, version)
+    except NotFoundError:
+        if not state.ready:
+            state.require_ready()  # 503 with the reason: still loading, or the load failed
+        raise
+
+
 # ----------------------------------------------------------------------------- health and metadata
 
 
@@ -105,7 +115,7 @@ async def server_ready(request: Request) -> JSONResponse:
 @router.get("/v2/models/{model}", response_model=schemas.ModelMetadata, responses=_ERRORS, summary="Model metadata")
 async def get_model_metadata(request: Request, model: str) -> dict:
     state = _state(request)
-    served = _lookup(state, model, None)
+    served = _lookup_served_or_loading(state, model, None)
     return model_metadata(served, state.models.versions(model))
 
 
@@ -115,7 +125,7 @@ async def get_model_metadata(request: Request, model: str) -> dict:
 )
 async def get_model_version_metadata(request: Request, model: str, version: str) -> dict:
     state = _state(request)
-    served = _lookup(state, model, version)
+    served = _lookup_served_or_loading(state, model, version)
     return model_metadata(served, state.models.versions(model))
 
 
