@@ -62,6 +62,8 @@ def git_state() -> dict:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
+    if not (ROOT / ".git").exists():  # an exported copy (git archive) inside another checkout: not its commit
+        return {"commit": "", "dirty": None}
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
