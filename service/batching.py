@@ -212,7 +212,7 @@ class Batcher(Generic[T, R]):
         """Start the workers and the thread pool, on the running event loop."""
         if self._closing:
             raise RuntimeError(f"{self._label} was closed; create a new Batcher instead of restarting it")
-        if self._started:
+        if self._started or self._executors:
             raise RuntimeError(f"{self._label} is already started")
         self._loop = asyncio.get_running_loop()
         self._available = asyncio.Event()
@@ -230,6 +230,10 @@ class Batcher(Generic[T, R]):
                 for executor in self._executors:
                     executor.shutdown(wait=False, cancel_futures=True)
                 raise
+            if self._closing:  # closed while warming up: never start
+                for executor in self._executors:
+                    executor.shutdown(wait=False, cancel_futures=True)
+                raise BatcherClosedError(f"{self._label} was closed while warming up")
         self._workers = [
             self._loop.create_task(self._worker(self._executors[i]), name=f"{self._label} worker {i}")
             for i in range(self._instances)
@@ -300,10 +304,10 @@ class Batcher(Generic[T, R]):
     def _admit(self, items: list[Any], deadline: float | None, priority: str = "normal") -> list[_Entry]:
         if priority not in ("normal", "low"):
             raise ValueError(f"priority must be 'normal' or 'low', got {priority!r}")
-        if not self._started:
-            raise RuntimeError(f"{self._label} is not started: await start() before submitting")
         if self._closing:
             raise BatcherClosedError(f"{self._label} is closed and accepts no new requests")
+        if not self._started:
+            raise RuntimeError(f"{self._label} is not started: await start() before submitting")
         now = time.monotonic()
         if not items:
             return []

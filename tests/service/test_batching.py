@@ -569,3 +569,26 @@ async def test_low_priority_never_takes_room_from_normal_admission():
         assert await asyncio.gather(*normal) == [0, 2]
         assert len(await asyncio.gather(*low)) == 5
         await held
+
+
+async def test_closing_during_warmup_never_starts_and_a_second_start_is_refused():
+    engine = FakeEngine()
+    warming = threading.Event()
+    finish = threading.Event()
+
+    def warmup() -> None:
+        warming.set()
+        assert finish.wait(5)
+
+    batcher: Batcher[int, int] = Batcher(engine, max_batch_size=4, max_queue_size=8, warmup=warmup)
+    starting = asyncio.create_task(batcher.start())
+    await eventually(warming.is_set)
+    with pytest.raises(RuntimeError, match="already started"):
+        await batcher.start()
+    await batcher.close()
+    finish.set()
+    with pytest.raises(BatcherClosedError, match="closed while warming up"):
+        await starting
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit(1)
+    assert engine.batches == []
