@@ -49,7 +49,6 @@ from .base import (
     ExperimentStore,
     FeedbackOutcome,
     StoreError,
-    UnknownRequestError,
 )
 from .records import ExperimentData, LabelledPrediction, PredictionRecord, ShadowPair
 from .rows import COLUMNS, N_COLUMNS, PruneSchedule, check_feedback, columns, record_of, row_of
@@ -170,12 +169,7 @@ class PostgresStore(PruneSchedule, ExperimentStore):
         pool_max: int = 8,
         connect_timeout_s: float = 5,
     ) -> None:
-        if not (retention_days > 0 and math.isfinite(retention_days)):
-            raise ValueError(f"retention_days must be a positive number of days, not {retention_days!r}")
-        if max_predictions < 1:
-            raise ValueError(f"max_predictions must be at least 1, not {max_predictions!r}")
-        if prune_every < 1:
-            raise ValueError(f"prune_every must be at least 1, not {prune_every!r}")
+        self._init_retention(retention_days, max_predictions, prune_every)
         if pool_min < 0 or pool_max < max(pool_min, 1):
             raise ValueError(f"need 0 <= pool_min <= pool_max and pool_max >= 1, not {pool_min!r}..{pool_max!r}")
         if not connect_timeout_s > 0:
@@ -187,14 +181,10 @@ class PostgresStore(PruneSchedule, ExperimentStore):
                 f"cannot parse the PostgreSQL URL: {_parse_error(url, exc)}; expected "
                 "postgresql://USER:PASSWORD@HOST:PORT/DATABASE[?PARAM=VALUE...]; check ARCHSERVE_STORE_URL"
             ) from None
-        self.retention_days = float(retention_days)
-        self.max_predictions = int(max_predictions)
-        self.prune_every = int(prune_every)
         self.connect_timeout_s = float(connect_timeout_s)
         self.where = describe_url(url)
         self._password = str(params.get("password") or "") or None
         self._lock = threading.Lock()
-        self._inserted_since_prune = 0
         self._pool: ConnectionPool | None = None
 
         # libpq's connect_timeout is whole seconds, at least 2.
@@ -286,7 +276,7 @@ class PostgresStore(PruneSchedule, ExperimentStore):
                     (request_id, image_index),
                 ).fetchone()
             if known is None:
-                raise self._unknown(request_id, image_index)
+                raise self._unknown_request(request_id, image_index)
             # The insert waits for a concurrent insert of the same image to commit or roll back, then
             # inserts or does nothing; the select that follows (a new snapshot) sees the winner's label.
             for _ in range(3):
@@ -426,16 +416,6 @@ class PostgresStore(PruneSchedule, ExperimentStore):
     def _scrub(self, text: str) -> str:
         """``text`` without the password (in case a driver message ever quotes the URL)."""
         return text.replace(self._password, "***") if self._password else text
-
-    def _unknown(self, request_id: str, image_index: int) -> UnknownRequestError:
-        return UnknownRequestError(
-            f"no prediction with request id {request_id!r} (image {image_index}); check the X-Request-ID "
-            f"that /classify returned and the image's position in that request; predictions older than "
-            f"the {self.retention_days:g}-day retention (or the oldest beyond {self.max_predictions:,}) "
-            "are removed",
-            request_id=request_id,
-            image_index=image_index,
-        )
 
     def _check_open(self, action: str) -> None:
         if self._pool is None:

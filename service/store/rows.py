@@ -4,11 +4,12 @@ and the bookkeeping after an insert. Only the SQL dialect and the top-5 encoding
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import time
 from collections.abc import Callable, Sequence
 
-from .base import StoreError
+from .base import StoreError, UnknownRequestError
 from .records import PredictionRecord
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,29 @@ def check_feedback(image_index: int, label: int) -> tuple[int, int]:
 
 class PruneSchedule:
     """Counts inserted rows and runs a retention pass every ``prune_every`` of them."""
+
+    def _init_retention(self, retention_days: float, max_predictions: int, prune_every: int) -> None:
+        """Check and keep the retention settings every store takes; start counting inserts."""
+        if not (retention_days > 0 and math.isfinite(retention_days)):
+            raise ValueError(f"retention_days must be a positive number of days, not {retention_days!r}")
+        if max_predictions < 1:
+            raise ValueError(f"max_predictions must be at least 1, not {max_predictions!r}")
+        if prune_every < 1:
+            raise ValueError(f"prune_every must be at least 1, not {prune_every!r}")
+        self.retention_days = float(retention_days)
+        self.max_predictions = int(max_predictions)
+        self.prune_every = int(prune_every)
+        self._inserted_since_prune = 0
+
+    def _unknown_request(self, request_id: str, image_index: int) -> UnknownRequestError:
+        return UnknownRequestError(
+            f"no prediction with request id {request_id!r} (image {image_index}); check the X-Request-ID "
+            f"that /classify returned and the image's position in that request; predictions older than "
+            f"the {self.retention_days:g}-day retention (or the oldest beyond {self.max_predictions:,}) "
+            "are removed",
+            request_id=request_id,
+            image_index=image_index,
+        )
 
     def _after_insert(self, inserted: int, offered: int) -> None:
         if inserted < offered:

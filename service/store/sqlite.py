@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import operator
 import sqlite3
 import threading
@@ -35,7 +34,6 @@ from .base import (
     ExperimentStore,
     FeedbackOutcome,
     StoreError,
-    UnknownRequestError,
 )
 from .records import ExperimentData, LabelledPrediction, PredictionRecord, ShadowPair
 from .rows import COLUMNS, N_COLUMNS, PruneSchedule, check_feedback, columns, record_of, row_of
@@ -109,22 +107,13 @@ class SQLiteStore(PruneSchedule, ExperimentStore):
         prune_every: int = 1000,
         busy_timeout_s: float = 10.0,
     ) -> None:
-        if not (retention_days > 0 and math.isfinite(retention_days)):
-            raise ValueError(f"retention_days must be a positive number of days, not {retention_days!r}")
-        if max_predictions < 1:
-            raise ValueError(f"max_predictions must be at least 1, not {max_predictions!r}")
-        if prune_every < 1:
-            raise ValueError(f"prune_every must be at least 1, not {prune_every!r}")
+        self._init_retention(retention_days, max_predictions, prune_every)
         if busy_timeout_s < 0:
             raise ValueError(f"busy_timeout_s must be >= 0, not {busy_timeout_s!r}")
-        self.retention_days = float(retention_days)
-        self.max_predictions = int(max_predictions)
-        self.prune_every = int(prune_every)
         self.busy_timeout_s = float(busy_timeout_s)
         self.in_memory = str(path) == ":memory:"
         self.path = str(path) if self.in_memory else Path(path)
         self._lock = threading.Lock()
-        self._inserted_since_prune = 0
 
         where = self._where()
         try:
@@ -177,14 +166,7 @@ class SQLiteStore(PruneSchedule, ExperimentStore):
                 (request_id, image_index),
             ).fetchone()
             if known is None:
-                raise UnknownRequestError(
-                    f"no prediction with request id {request_id!r} (image {image_index}); check the X-Request-ID "
-                    f"that /classify returned and the image's position in that request; predictions older than "
-                    f"the {self.retention_days:g}-day retention (or the oldest beyond {self.max_predictions:,}) "
-                    "are removed",
-                    request_id=request_id,
-                    image_index=image_index,
-                )
+                raise self._unknown_request(request_id, image_index)
             existing = conn.execute(
                 "SELECT label FROM feedback WHERE request_id = ? AND image_index = ?", (request_id, image_index)
             ).fetchone()
