@@ -361,25 +361,6 @@ def _summary(report: dict) -> str:
             f"server p50 {(server.get('request_latency_ms') or {}).get('p50')} ms")
 
 
-def wait_ready(server: Server, timeout: float) -> float:
-    """Seconds until ready; fails at once when the server says its start failed (e.g. CUDA required, CPU got)."""
-    started = time.monotonic()
-    target = loadgen.Target("127.0.0.1", server.port)
-    while time.monotonic() - started < timeout:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.proc.returncode}\n{server.log_tail()}")
-        body = None
-        with contextlib.suppress(Exception):
-            status, raw = loadgen.run_async(loadgen.http_get(target, "/health/ready", timeout=2.0))
-            body = json.loads(raw)
-            if status == 200:
-                return time.monotonic() - started
-        if isinstance(body, dict) and body.get("status") == "failed":
-            raise RuntimeError(f"the server's start failed: {body.get('reason')}")
-        time.sleep(0.25)
-    raise RuntimeError(f"not ready within {timeout:g}s\n{server.log_tail()}")
-
-
 def model_info(server: Server, model: str, workers: int, timeout: float = 60.0) -> dict:
     """``GET /models/{model}`` once every worker answers ready (with several workers, one ready is not all)."""
     target = loadgen.Target("127.0.0.1", server.port)
@@ -440,7 +421,7 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
         try:
             with Server(f"archserve {config['label']}", argv, port, logs / f"archserve-{config['label']}.log",
                         env) as server:
-                result["ready_s"] = round(wait_ready(server, args.ready_timeout), 1)
+                result["ready_s"] = round(server.wait_ready(timeout=args.ready_timeout), 1)
                 info = model_info(server, args.serve_model, config["workers"])
                 version = (info.get("versions") or [{}])[-1]
                 result["provider"], result["precision"] = version.get("provider"), version.get("precision")

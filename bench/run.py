@@ -211,16 +211,22 @@ class Server:
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> float:
+        """Seconds until ``/health/ready`` answers 200; fails at once if the server exits or says its start
+        failed (archserve's ``"status": "failed"``, e.g. CUDA required and the CPU got)."""
         started = time.monotonic()
         target = loadgen.Target("127.0.0.1", self.port)
         while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.label} exited with {self.proc.returncode} before it was ready; "
                                    f"log: {self.log_path}\n{self.log_tail()}")
+            body = None
             with contextlib.suppress(Exception):
-                status, _ = loadgen.run_async(loadgen.http_get(target, "/health/ready", timeout=2.0))
+                status, raw = loadgen.run_async(loadgen.http_get(target, "/health/ready", timeout=2.0))
                 if status == 200:
                     return time.monotonic() - started
+                body = json.loads(raw)
+            if isinstance(body, dict) and body.get("status") == "failed":
+                raise RuntimeError(f"{self.label} failed to start: {body.get('reason')}; log: {self.log_path}")
             time.sleep(0.25)
         raise RuntimeError(f"{self.label} was not ready within {timeout:g}s; log: {self.log_path}\n{self.log_tail()}")
 

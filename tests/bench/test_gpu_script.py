@@ -47,3 +47,19 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
 
     table = (out / "gpu-results.md").read_text()
     assert "| w1 | jpeg-c1 |" in table and "| resnet18 | CPUExecutionProvider | fp32 |" in table
+
+
+def test_a_server_that_cannot_become_ready_fails_the_wait_at_once(exported_repo, tmp_path):
+    """require_gpu on the CPU: the bench stops waiting as soon as the server says its start failed."""
+    import time
+
+    from bench.run import PY, Server, free_port
+
+    port = free_port()
+    argv = [PY, "-m", "service", "--port", str(port), "--models-dir", str(exported_repo), "--models", "resnet18",
+            "--device", "cpu", "--require-gpu"]
+    with Server("archserve", argv, port, tmp_path / "server.log", {"ARCHSERVE_WARMUP": "false"}) as server:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="failed to start: require_gpu is set"):
+            server.wait_ready(timeout=120)
+        assert time.monotonic() - started < 60
