@@ -179,7 +179,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         state.require_ready()
         served = _lookup(state, name, version)
         model_label, version_label = served.name, str(served.version)
-        in_flight = state.metrics.in_flight.labels(model_label, version_label)
+        in_flight = state.metrics.child(state.metrics.in_flight, model_label, version_label)
         in_flight.inc()
         deadline = arrived + settings.request_timeout_s
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -211,7 +211,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         else:
             encoded = codec.encode_infer_response(*encode_args)
         code = 200
-        state.metrics.images.labels(model_label, version_label).inc(parsed.input.count)
+        state.metrics.child(state.metrics.images, model_label, version_label).inc(parsed.input.count)
         return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers())
     except ServiceError as exc:
         code = exc.status_code
@@ -222,8 +222,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     finally:
         if in_flight is not None:
             in_flight.dec()
-        state.metrics.requests.labels(model_label, version_label, str(code)).inc()
-        state.metrics.request_latency.labels(model_label, version_label).observe(time.monotonic() - arrived)
+        state.metrics.child(state.metrics.requests, model_label, version_label, str(code)).inc()
+        state.metrics.child(state.metrics.request_latency, model_label, version_label).observe(
+            time.monotonic() - arrived
+        )
 
 
 async def _run(state: AppState, served: ServedModel, parsed: codec.InferRequest, deadline: float) -> np.ndarray:
@@ -245,7 +247,7 @@ async def _run(state: AppState, served: ServedModel, parsed: codec.InferRequest,
 
 async def _decode_all(state: AppState, served: ServedModel, image: codec.ImageInput) -> list[np.ndarray]:
     loop = asyncio.get_running_loop()
-    histogram = state.metrics.preprocess_latency.labels(served.name, str(served.version))
+    histogram = state.metrics.child(state.metrics.preprocess_latency, served.name, str(served.version))
 
     def decode(index: int, data: bytes) -> np.ndarray:
         started = time.monotonic()
