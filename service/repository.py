@@ -179,8 +179,9 @@ def _stacked(engine: OnnxEngine, sizes: list[int] | None = None):
         size = padded_size(count, sizes)
         if size == count:
             return list(engine.run(np.stack(items)))
-        batch = np.zeros((size, *items[0].shape), dtype=items[0].dtype)
+        batch = np.empty((size, *items[0].shape), dtype=items[0].dtype)
         np.stack(items, out=batch[:count])
+        batch[count:] = 0  # blank padding; the items are copied once, not over zeros
         return list(engine.run(batch)[:count])
 
     return run_batch
