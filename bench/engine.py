@@ -9,6 +9,14 @@ until ``--min-runs`` are done and ``--budget-s`` is spent (at most
 second that gives. This is the ceiling the server's end-to-end throughput is
 compared with.
 
+The timing is split into ``--rounds`` rounds that each visit every batch size
+(in reverse order every other round), and a batch size's median is over the
+runs of all rounds. On a shared machine the speed drifts over seconds; timed in
+one stretch per size, the sizes that happened to run in a fast stretch look
+best, and the best of six such noisy figures overstates the engine (a max is
+biased upwards). Spread over the rounds, every size sees the same drift.
+``round_img_s`` keeps each round's figure, to show the spread.
+
     python -m bench.engine --models-dir bench/models --model resnet50 --batch-sizes 1,2,4,8,16,32
 """
 
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -55,6 +64,39 @@ def time_batch(engine: OnnxEngine, batch: np.ndarray, *, min_runs: int, max_runs
     return times
 
 
+def measure(engine, batch_sizes: list[int], shape: tuple[int, int, int], *, min_runs: int, max_runs: int,
+            budget_s: float, warmup_runs: int, rounds: int = 1, seed: int = 0) -> list[dict]:
+    """One row per batch size: ``engine.run`` timed over ``rounds`` rounds that each visit every size
+    (reversed every other round), ``min_runs``/``max_runs``/``budget_s`` split between the rounds."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    rng = np.random.default_rng(seed)
+    batches = {size: rng.integers(0, 256, (size, *shape), dtype=np.uint8) for size in batch_sizes}
+    times: dict[int, list[float]] = {size: [] for size in batch_sizes}
+    per_round: dict[int, list[float]] = {size: [] for size in batch_sizes}
+    for index in range(rounds):
+        for size in batch_sizes if index % 2 == 0 else batch_sizes[::-1]:
+            # The first round warms each size up; later ones run one untimed batch after the change of size.
+            timed = time_batch(engine, batches[size], min_runs=math.ceil(min_runs / rounds),
+                               max_runs=max(1, math.ceil(max_runs / rounds)), budget_s=budget_s / rounds,
+                               warmup_runs=warmup_runs if index == 0 else min(warmup_runs, 1))
+            times[size].extend(timed)
+            per_round[size].append(round(size / statistics.median(timed), 3))
+    results = []
+    for size in batch_sizes:
+        median = statistics.median(times[size])
+        results.append({
+            "batch_size": size,
+            "runs": len(times[size]),
+            "ms_per_batch": round(1000 * median, 3),
+            "ms_per_batch_min": round(1000 * min(times[size]), 3),
+            "ms_per_image": round(1000 * median / size, 3),
+            "img_s": round(size / median, 3),
+            "round_img_s": per_round[size],
+        })
+    return results
+
+
 def bench_engine(
     path: Path,
     batch_sizes: list[int],
@@ -65,28 +107,18 @@ def bench_engine(
     max_runs: int = 50,
     budget_s: float = 3.0,
     warmup_runs: int = 2,
+    rounds: int = 1,
     seed: int = 0,
 ) -> dict:
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     manifest = load_manifest(path)
     loaded = time.perf_counter()
     engine = OnnxEngine(path, manifest, EngineConfig(device=device, intra_op_threads=intra_op_threads))
     load_s = time.perf_counter() - loaded
     _, height, width, channels = manifest.input.shape
-    rng = np.random.default_rng(seed)
-    results = []
-    for size in batch_sizes:
-        batch = rng.integers(0, 256, (size, height, width, channels), dtype=np.uint8)
-        times = time_batch(engine, batch, min_runs=min_runs, max_runs=max_runs, budget_s=budget_s,
-                           warmup_runs=warmup_runs)
-        median = statistics.median(times)
-        results.append({
-            "batch_size": size,
-            "runs": len(times),
-            "ms_per_batch": round(1000 * median, 3),
-            "ms_per_batch_min": round(1000 * min(times), 3),
-            "ms_per_image": round(1000 * median / size, 3),
-            "img_s": round(size / median, 3),
-        })
+    results = measure(engine, batch_sizes, (height, width, channels), min_runs=min_runs, max_runs=max_runs,
+                      budget_s=budget_s, warmup_runs=warmup_runs, rounds=rounds, seed=seed)
     best = max(results, key=lambda r: r["img_s"])
     return {
         "model": manifest.name,
@@ -99,6 +131,7 @@ def bench_engine(
         "intra_op_threads": intra_op_threads,
         "onnxruntime": ort.__version__,
         "session_load_s": round(load_s, 3),
+        "rounds": rounds,
         "batches": results,
         "best": {"batch_size": best["batch_size"], "img_s": best["img_s"]},
     }
@@ -112,10 +145,11 @@ def at_batch(report: dict, size: float) -> dict:
 def format_report(r: dict) -> str:
     lines = [f"{r['model']} v{r['version']} on {r['provider']} ({r['precision']}), input {r['input']}, "
              f"onnxruntime {r['onnxruntime']}, intra-op threads {r['intra_op_threads'] or 'default'}",
-             "  batch   ms/batch   ms/img     img/s   runs"]
+             "  batch   ms/batch   ms/img     img/s   runs   img/s per round"]
     for b in r["batches"]:
+        rounds = " ".join(f"{x:.1f}" for x in b.get("round_img_s", []))
         lines.append(f"  {b['batch_size']:>5} {b['ms_per_batch']:>10.2f} {b['ms_per_image']:>8.2f} "
-                     f"{b['img_s']:>9.2f} {b['runs']:>6}")
+                     f"{b['img_s']:>9.2f} {b['runs']:>6}   {rounds}")
     lines.append(f"  best: {r['best']['img_s']:.2f} img/s at batch {r['best']['batch_size']}")
     return "\n".join(lines)
 
@@ -131,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime threads (default: ARCHSERVE_INTRA_OP_THREADS, else onnxruntime's default)")
     p.add_argument("--min-runs", type=int, default=3)
     p.add_argument("--max-runs", type=int, default=50)
-    p.add_argument("--budget-s", type=float, default=3.0, help="timed seconds per batch size (after min-runs)")
+    p.add_argument("--budget-s", type=float, default=3.0,
+                   help="timed seconds per batch size, over all rounds (after min-runs)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="visit every batch size this many times, alternating the order (default 3)")
     p.add_argument("--warmup-runs", type=int, default=2)
     p.add_argument("--json", help="write the report to this file")
     return p
@@ -143,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     if not sizes or min(sizes) < 1 or max(sizes) > 1024:
         print("error: --batch-sizes must be integers in 1..1024", file=sys.stderr)
         return 2
+    if args.rounds < 1:
+        print("error: --rounds must be at least 1", file=sys.stderr)
+        return 2
     report = bench_engine(
         version_dir(args.models_dir, args.model, args.version), sizes, device=args.device,
         intra_op_threads=args.intra_op_threads, min_runs=args.min_runs, max_runs=max(args.max_runs, args.min_runs),
-        budget_s=args.budget_s, warmup_runs=args.warmup_runs,
+        budget_s=args.budget_s, warmup_runs=args.warmup_runs, rounds=args.rounds,
     )
     print(format_report(report))
     if args.json:

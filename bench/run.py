@@ -258,7 +258,8 @@ def run_engine(models_dir: Path, model: str, args, out_dir: Path) -> dict:
     path = out_dir / f"engine-{model}.json"
     cmd = [PY, "-m", "bench.engine", "--models-dir", str(models_dir), "--model", model,
            "--batch-sizes", args.batch_sizes, "--budget-s", str(args.engine_budget_s),
-           "--min-runs", str(args.engine_min_runs), "--warmup-runs", str(args.engine_warmup_runs), "--json", str(path)]
+           "--min-runs", str(args.engine_min_runs), "--warmup-runs", str(args.engine_warmup_runs),
+           "--rounds", str(args.engine_rounds), "--json", str(path)]
     env = {**os.environ, **dict(args.server_env)}
     meter = CpuMeter(None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
@@ -445,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", default="1,16", help="closed-loop client counts: low,high (default 1,16)")
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="engine-only batch sizes")
     p.add_argument("--engine-budget-s", type=float, help="engine timed seconds per batch size (default 3; quick 0.5)")
+    p.add_argument("--engine-rounds", type=int, help="engine rounds over all batch sizes, alternating the order, "
+                   "each size's median over all of them (default 3; quick 2; see bench/engine.py)")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra argument for archserve, e.g. --server-arg=--max-queue-delay-ms=2 (repeatable)")
@@ -472,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         settle_s=args.settle_s,
         retries=args.retries if args.retries is not None else (0 if args.quick else 2),
     )
+    args.engine_rounds = args.engine_rounds or (2 if args.quick else 3)
     args.engine_min_runs = 2 if args.quick else 5
     args.engine_warmup_runs = 1 if args.quick else 2
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -502,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine, "config": {
         "models": models, "models_dir": str(models_dir), "duration_s": args.duration, "warmup_s": args.warmup,
         "clients": args.clients, "batch_sizes": args.batch_sizes, "engine_budget_s": args.engine_budget_s,
+        "engine_rounds": args.engine_rounds,
         "quick": args.quick, "settle_s": args.settle_s, "server_args": args.server_arg,
         "server_env": dict(args.server_env),
         "images": {"count": len(images), "size": "500x375", "quality": 90, "bytes": [len(i) for i in images]},

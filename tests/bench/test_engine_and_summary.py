@@ -1,0 +1,147 @@
+"""bench/engine.py's timing rounds and bench/run.py's summary: the figures the targets are judged on.
+
+The rounds are tested with a fake engine (to see which batch size ran when)
+and once with the real onnxruntime engine on a small exported model; the
+summary and the target checks are pure functions of a results dict.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import engine as engine_bench
+from bench import run as bench_run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class RecordingEngine:
+    """Runs nothing; records the batch size of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def run(self, batch):
+        self.calls.append(len(batch))
+        return batch
+
+
+def visits(calls: list[int]) -> list[int]:
+    """The batch sizes in the order they were visited (consecutive repeats collapsed)."""
+    return [size for i, size in enumerate(calls) if i == 0 or calls[i - 1] != size]
+
+
+def test_rounds_visit_every_size_in_alternating_order_and_pool_the_runs():
+    fake = RecordingEngine()
+    rows = engine_bench.measure(fake, [1, 2, 4], (8, 8, 3), min_runs=6, max_runs=6, budget_s=0.0,
+                                warmup_runs=2, rounds=3)
+    assert visits(fake.calls) == [1, 2, 4, 2, 1, 2, 4]  # 1 2 4 | 4 2 1 | 1 2 4
+    # Per round: ceil(6 / 3) = 2 timed runs; warm-up 2 in the first round, 1 after each later change of size.
+    assert [fake.calls.count(size) for size in (1, 2, 4)] == [2 + 2 + 1 + 2 + 1 + 2] * 3
+    assert [row["batch_size"] for row in rows] == [1, 2, 4]
+    for row in rows:
+        assert row["runs"] == 6
+        assert len(row["round_img_s"]) == 3 and all(x > 0 for x in row["round_img_s"])
+
+
+def test_one_round_is_the_old_single_stretch_per_size():
+    fake = RecordingEngine()
+    rows = engine_bench.measure(fake, [1, 2], (4, 4, 3), min_runs=3, max_runs=3, budget_s=0.0,
+                                warmup_runs=1, rounds=1)
+    assert fake.calls == [1] * 4 + [2] * 4
+    assert [row["runs"] for row in rows] == [3, 3]
+
+
+def test_rounds_below_one_are_refused():
+    with pytest.raises(ValueError, match="rounds"):
+        engine_bench.measure(RecordingEngine(), [1], (4, 4, 3), min_runs=1, max_runs=1, budget_s=0.0,
+                             warmup_runs=0, rounds=0)
+    proc = subprocess.run([sys.executable, "-m", "bench.engine", "--rounds", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--rounds must be at least 1" in proc.stderr
+
+
+def test_the_engine_benchmark_runs_the_real_model_in_rounds(exported_repo, tmp_path):
+    out = tmp_path / "engine.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.engine", "--models-dir", str(exported_repo), "--model", "resnet18",
+         "--batch-sizes", "1,2", "--rounds", "2", "--budget-s", "0.2", "--min-runs", "2", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["rounds"] == 2 and report["provider"] == "CPUExecutionProvider"
+    rows = report["batches"]
+    assert [row["batch_size"] for row in rows] == [1, 2]
+    assert all(row["runs"] >= 2 and len(row["round_img_s"]) == 2 for row in rows)
+    best = max(rows, key=lambda row: row["img_s"])
+    assert report["best"] == {"batch_size": best["batch_size"], "img_s": best["img_s"]}
+    assert "img/s per round" in proc.stdout
+
+
+def engine_report(img_s: dict[int, float]) -> dict:
+    rows = [{"batch_size": b, "img_s": v, "ms_per_batch": 1000 * b / v} for b, v in img_s.items()]
+    best = max(rows, key=lambda row: row["img_s"])
+    return {"batches": rows, "best": {"batch_size": best["batch_size"], "img_s": best["img_s"]},
+            "cpu": {"other_cores": 0.0}}
+
+
+def load_point(img_s: float, p50_ms: float, mean_batch: float | None = None) -> dict:
+    point = {"throughput_img_s": img_s, "latency_ms": {"p50": p50_ms}, "errors": {}, "cpu": {"other_cores": 0.01}}
+    if mean_batch is not None:
+        point["server"] = {"mean_batch_size": mean_batch}
+    return point
+
+
+def results(archserve_img_s: float, archserve_p50: float, naive_img_s: float, naive_p50: float) -> dict:
+    return {
+        "engine": engine_report({1: 50.0, 2: 52.0, 4: 50.0, 8: 48.0}),  # batch 1 runs in 20 ms
+        "archserve": {"c1": load_point(10.0, archserve_p50), "c16": load_point(archserve_img_s, 300.0, 7.6)},
+        "naive": {"c1": load_point(10.0, naive_p50), "c16": load_point(naive_img_s, 350.0)},
+    }
+
+
+def checks(model: str, r: dict) -> dict[str, bool | None]:
+    row = bench_run.summarise(model, r, 1, 16)
+    return {c["target"]: c["pass"] for c in bench_run.targets(row, 16)}
+
+
+def test_the_summary_compares_with_the_best_batch_and_the_formed_one():
+    row = bench_run.summarise("resnet50", results(47.0, 24.0, 45.0, 23.5), 1, 16)
+    assert row["raw_best_img_s"] == 52.0 and row["raw_best_batch"] == 2
+    assert row["raw_formed_batch"] == 8 and row["raw_formed_img_s"] == 48.0  # 7.6 is nearest 8
+    assert row["ratio_best"] == pytest.approx(47.0 / 52.0)
+    assert row["ratio_formed"] == pytest.approx(47.0 / 48.0)
+    assert row["raw_b1_ms"] == pytest.approx(20.0)
+    assert row["p50_minus_raw_ms"] == pytest.approx(4.0)
+
+
+def test_the_targets_pass_and_fail_at_their_thresholds():
+    # resnet50 needs 90% of the best batch: 46.9 of 52 passes, 46.7 does not.
+    assert checks("resnet50", results(46.9, 24.0, 45.0, 23.5))["e2e @16 / raw engine (best batch)"] is True
+    assert checks("resnet50", results(46.7, 24.0, 45.0, 23.5))["e2e @16 / raw engine (best batch)"] is False
+    # resnet18 needs 80%.
+    assert checks("resnet18", results(41.7, 24.0, 40.0, 23.5))["e2e @16 / raw engine (best batch)"] is True
+    assert checks("resnet18", results(41.5, 24.0, 40.0, 23.5))["e2e @16 / raw engine (best batch)"] is False
+
+    at_limit = checks("resnet50", results(47.0, 25.0, 48.0, 22.0))
+    assert at_limit["p50 @1 - raw batch-1 latency"] is True  # +5.0 ms
+    assert at_limit["throughput @16 vs naive"] is False  # 47 < 48
+    assert at_limit["p50 @1 vs naive"] is False  # 25.0 > 22.0 + 10% and > 22.0 + 2 ms
+    over = checks("resnet50", results(47.0, 25.1, 45.0, 23.5))
+    assert over["p50 @1 - raw batch-1 latency"] is False
+    assert over["throughput @16 vs naive"] is True and over["p50 @1 vs naive"] is True
+    assert over["mean batch size @16"] is True
+
+
+def test_a_missing_step_is_not_judged():
+    r = results(47.0, 24.0, 45.0, 23.5)
+    del r["naive"]
+    verdicts = checks("resnet50", r)
+    assert verdicts["throughput @16 vs naive"] is None and verdicts["p50 @1 vs naive"] is None
+    assert verdicts["e2e @16 / raw engine (best batch)"] is True
