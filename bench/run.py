@@ -6,7 +6,10 @@ For each model (default resnet50 then resnet18):
    each batch size, the ceiling;
 2. archserve (``python -m service``) on a free loopback port, closed loop with
    1 client and with 16 clients (``bench.loadgen``);
-3. the naive server (``bench.naive_server``), the same two loads.
+3. the naive server (``bench.naive_server``), the same two loads;
+4. the engine again (not with ``--quick``). The targets divide by the mean of
+   the two engine runs, which bracket the load points in time, and the table
+   shows how far the machine drifted between them.
 
 Only one server runs at a time; each is stopped with SIGTERM (killed if it has
 not exited after a timeout). The models are exported into ``--models-dir``
@@ -329,10 +332,30 @@ def _get(d: dict | None, *keys):
     return d
 
 
+def engine_both_ends(before: dict, after: dict | None) -> dict:
+    """The engine measured before and after the load points, as one report: per batch size the mean of the
+    two img/s (and ms per batch); ``img_s_before``/``img_s_after`` keep both. ``before`` alone if no after."""
+    if not after:
+        return before
+    later = {row["batch_size"]: row for row in after["batches"]}
+    rows = []
+    for row in before["batches"]:
+        other = later.get(row["batch_size"])
+        if other is None:
+            continue
+        rows.append({**row, "img_s": round((row["img_s"] + other["img_s"]) / 2, 3),
+                     "ms_per_batch": round((row["ms_per_batch"] + other["ms_per_batch"]) / 2, 3),
+                     "img_s_before": row["img_s"], "img_s_after": other["img_s"]})
+    if not rows:
+        return before
+    best = max(rows, key=lambda row: row["img_s"])
+    return {**before, "batches": rows, "best": {"batch_size": best["batch_size"], "img_s": best["img_s"]}}
+
+
 def summarise(model: str, r: dict, low: int, high: int) -> dict:
     from .engine import at_batch
 
-    engine = r.get("engine")
+    engine = r.get("engine") and engine_both_ends(r["engine"], r.get("engine_after"))
     a_hi, a_lo = _get(r, "archserve", f"c{high}"), _get(r, "archserve", f"c{low}")
     n_hi, n_lo = _get(r, "naive", f"c{high}"), _get(r, "naive", f"c{low}")
     mean_batch = _get(a_hi, "server", "mean_batch_size")
@@ -342,6 +365,9 @@ def summarise(model: str, r: dict, low: int, high: int) -> dict:
         bs1 = at_batch(engine, 1)
         row.update(raw_best_img_s=best["img_s"], raw_best_batch=best["batch_size"],
                    raw_b1_ms=bs1["ms_per_batch"] if bs1["batch_size"] == 1 else None)
+        top = at_batch(engine, best["batch_size"])
+        if "img_s_after" in top:  # how far the machine moved between the two engine runs, at the best batch
+            row["raw_drift"] = top["img_s_after"] / top["img_s_before"] - 1
         if mean_batch:
             formed = at_batch(engine, mean_batch)
             row.update(raw_formed_img_s=formed["img_s"], raw_formed_batch=formed["batch_size"])
@@ -354,7 +380,7 @@ def summarise(model: str, r: dict, low: int, high: int) -> dict:
         naive_p50_lo=_get(n_lo, "latency_ms", "p50"),
         errors={k: v for k, v in (("archserve", _get(a_hi, "errors")), ("naive", _get(n_hi, "errors"))) if v},
     )
-    others = [_get(x, "cpu", "other_cores") for x in (engine, a_lo, a_hi, n_lo, n_hi)]
+    others = [_get(x, "cpu", "other_cores") for x in (r.get("engine"), a_lo, a_hi, n_lo, n_hi, r.get("engine_after"))]
     others = [o for o in others if o is not None]
     row["other_cores_max"] = max(others) if others else None
     if row.get("archserve_img_s") is not None and row.get("raw_best_img_s"):
@@ -401,7 +427,7 @@ def markdown(rows: list[dict], checks: list[dict], low: int, high: int) -> str:
     head = ("| model | raw engine img/s: best (batch) | raw @ formed batch (batch) | archserve e2e img/s @" + str(high)
             + " | / raw best | / raw formed | naive e2e img/s @" + str(high) + " | archserve p50 @" + str(low)
             + " ms | raw batch-1 ms | difference ms | naive p50 @" + str(low) + " ms | mean batch @" + str(high)
-            + " | other load (cores) |")
+            + " | raw drift (after / before) | other load (cores) |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         lines.append("| " + " | ".join([
@@ -417,6 +443,7 @@ def markdown(rows: list[dict], checks: list[dict], low: int, high: int) -> str:
             _f(r.get("p50_minus_raw_ms"), "{:+.1f}"),
             _f(r.get("naive_p50_lo")),
             _f(r.get("mean_batch"), "{:.2f}"),
+            _f(r.get("raw_drift"), "{:+.1%}"),
             _f(r.get("other_cores_max"), "{:.2f}"),
         ]) + " |")
     lines += ["", "| model | target | measured | threshold | result |", "|---|---|---|---|---|"]
@@ -453,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra argument for archserve, e.g. --server-arg=--max-queue-delay-ms=2 (repeatable)")
     p.add_argument("--server-env", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
                    help="environment for archserve and the engine run, e.g. ARCHSERVE_INTRA_OP_THREADS=2")
-    p.add_argument("--skip", default="", help="comma-separated steps to skip: engine, archserve, naive")
+    p.add_argument("--skip", default="", help="comma-separated steps to skip: engine, archserve, naive, "
+                   "engine_after (the engine again after the servers; never in --quick)")
     p.add_argument("--settle-s", type=float, help="before each step, wait up to this long for other work on the "
                    "machine to stop (default 60; --quick 10)")
     p.add_argument("--retries", type=int, help="re-measure a point during which other work used > 0.15 cores, "
@@ -518,14 +546,16 @@ def main(argv: list[str] | None = None) -> int:
             results["models"][model] = r
             steps = (("engine", lambda: run_engine(models_dir, model, args, Path(tmp))),
                      ("archserve", lambda: run_archserve(models_dir, model, args, images, logs)),
-                     ("naive", lambda: run_naive(models_dir, model, args, images, logs)))
+                     ("naive", lambda: run_naive(models_dir, model, args, images, logs)),
+                     # The engine once more: the machine's drift during the run, and a ceiling from both ends.
+                     ("engine_after", lambda: run_engine(models_dir, model, args, Path(tmp))))
             for name, step in steps:
-                if name in skip:
+                if name in skip or (name == "engine_after" and ("engine" in skip or args.quick)):
                     continue
                 print(f"--- {model}: {name}", flush=True)
                 quiet = args.guard.settle()
                 try:
-                    r[name] = args.guard.measure("the engine run", step) if name == "engine" else step()
+                    r[name] = args.guard.measure("the engine run", step) if name.startswith("engine") else step()
                     r[name]["settle"] = quiet
                 except Exception as exc:  # one failing step must not lose the others' figures
                     print(f"  {name} failed: {exc}", flush=True)

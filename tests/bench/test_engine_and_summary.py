@@ -145,3 +145,24 @@ def test_a_missing_step_is_not_judged():
     verdicts = checks("resnet50", r)
     assert verdicts["throughput @16 vs naive"] is None and verdicts["p50 @1 vs naive"] is None
     assert verdicts["e2e @16 / raw engine (best batch)"] is True
+
+
+def test_an_engine_run_after_the_load_points_is_averaged_in_and_its_drift_reported():
+    r = results(47.0, 24.0, 45.0, 23.5)
+    r["engine_after"] = engine_report({1: 40.0, 2: 44.0, 4: 46.0, 8: 44.0})  # the machine slowed down
+    row = bench_run.summarise("resnet50", r, 1, 16)
+    # Means: 1 -> 45, 2 -> 48, 4 -> 48, 8 -> 46; the best is batch 2 (ties keep the first).
+    assert row["raw_best_img_s"] == 48.0 and row["raw_best_batch"] == 2
+    assert row["raw_drift"] == pytest.approx(44.0 / 52.0 - 1)
+    assert row["raw_formed_img_s"] == 46.0
+    assert row["raw_b1_ms"] == pytest.approx((20.0 + 25.0) / 2)
+    assert row["ratio_best"] == pytest.approx(47.0 / 48.0)
+    table = bench_run.markdown([row], bench_run.targets(row, 16), 1, 16)
+    assert "raw drift (after / before)" in table and "-15.4%" in table
+
+
+def test_without_an_engine_run_after_the_first_one_stands_alone():
+    row = bench_run.summarise("resnet50", results(47.0, 24.0, 45.0, 23.5), 1, 16)
+    assert row["raw_best_img_s"] == 52.0 and "raw_drift" not in row
+    merged = bench_run.engine_both_ends(engine_report({1: 50.0}), engine_report({2: 60.0}))
+    assert merged["best"] == {"batch_size": 1, "img_s": 50.0}  # no size in common: the first run alone
