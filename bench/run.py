@@ -343,9 +343,16 @@ def engine_both_ends(before: dict, after: dict | None) -> dict:
         other = later.get(row["batch_size"])
         if other is None:
             continue
-        rows.append({**row, "img_s": round((row["img_s"] + other["img_s"]) / 2, 3),
-                     "ms_per_batch": round((row["ms_per_batch"] + other["ms_per_batch"]) / 2, 3),
-                     "img_s_before": row["img_s"], "img_s_after": other["img_s"]})
+        merged = {**row, "img_s_before": row["img_s"], "img_s_after": other["img_s"]}
+        for key in ("img_s", "ms_per_batch", "ms_per_image"):
+            if key in row and key in other:
+                merged[key] = round((row[key] + other[key]) / 2, 3)
+        if "runs" in row and "runs" in other:
+            merged["runs"] = row["runs"] + other["runs"]
+        if "ms_per_batch_min" in row and "ms_per_batch_min" in other:
+            merged["ms_per_batch_min"] = min(row["ms_per_batch_min"], other["ms_per_batch_min"])
+        merged.pop("round_img_s", None)  # each run's rounds stay in its own report
+        rows.append(merged)
     if not rows:
         return before
     best = max(rows, key=lambda row: row["img_s"])
@@ -503,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         settle_s=args.settle_s,
         retries=args.retries if args.retries is not None else (0 if args.quick else 2),
     )
+    if args.engine_rounds is not None and args.engine_rounds < 1:
+        print("error: --engine-rounds must be at least 1", file=sys.stderr)
+        return 2
     args.engine_rounds = args.engine_rounds or (2 if args.quick else 3)
     args.engine_min_runs = 2 if args.quick else 5
     args.engine_warmup_runs = 1 if args.quick else 2

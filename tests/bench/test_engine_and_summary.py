@@ -166,3 +166,25 @@ def test_without_an_engine_run_after_the_first_one_stands_alone():
     assert row["raw_best_img_s"] == 52.0 and "raw_drift" not in row
     merged = bench_run.engine_both_ends(engine_report({1: 50.0}), engine_report({2: 60.0}))
     assert merged["best"] == {"batch_size": 1, "img_s": 50.0}  # no size in common: the first run alone
+
+
+def test_the_merged_engine_rows_agree_with_themselves():
+    before = engine_report({1: 50.0, 8: 48.0})
+    after = engine_report({1: 40.0, 8: 44.0})
+    for report, runs in ((before, 10), (after, 12)):
+        for row in report["batches"]:
+            row.update(runs=runs, ms_per_image=row["ms_per_batch"] / row["batch_size"],
+                       ms_per_batch_min=row["ms_per_batch"] - 1, round_img_s=[row["img_s"]])
+    merged = {row["batch_size"]: row for row in bench_run.engine_both_ends(before, after)["batches"]}
+    one = merged[1]
+    assert one["img_s"] == 45.0 and one["runs"] == 22 and "round_img_s" not in one
+    assert one["ms_per_batch"] == pytest.approx((20.0 + 25.0) / 2)
+    assert one["ms_per_image"] == pytest.approx(one["ms_per_batch"])
+    assert one["ms_per_batch_min"] == pytest.approx(19.0)
+
+
+def test_engine_rounds_below_one_are_refused_before_anything_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--engine-rounds", "-1", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--engine-rounds must be at least 1" in proc.stderr
+    assert not list(tmp_path.iterdir())
