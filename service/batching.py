@@ -2,7 +2,8 @@
 
 Requests wait in one bounded FIFO queue. Each of ``instances`` worker tasks
 takes, as soon as it is free, everything waiting (up to ``max_batch_size``)
-and runs ``run_batch`` on it in a thread pool, so the event loop never blocks.
+and runs ``run_batch`` on it in that worker's own thread (one per instance, kept
+for the batcher's life, where ``warmup`` also runs), so the event loop never blocks.
 At low load a request waits for nobody; under load batches fill by themselves
 (the design of MLServer's adaptive batcher and Triton's dynamic batcher).
 With ``max_queue_delay_ms`` > 0, a free worker holding a partial batch waits
@@ -209,7 +210,8 @@ class Batcher(Generic[T, R]):
         return self._in_flight
 
     async def start(self) -> None:
-        """Start the workers and the thread pool, on the running event loop."""
+        """Start one thread per instance, run ``warmup`` in each, then start the workers, on the running
+        event loop. If the warm-up raises, or ``close`` is called meanwhile, nothing is left running."""
         if self._closing:
             raise RuntimeError(f"{self._label} was closed; create a new Batcher instead of restarting it")
         if self._started or self._executors:
@@ -227,18 +229,22 @@ class Batcher(Generic[T, R]):
             try:
                 await asyncio.gather(*(self._loop.run_in_executor(ex, self._warmup) for ex in self._executors))
             except BaseException:
-                for executor in self._executors:
-                    executor.shutdown(wait=False, cancel_futures=True)
+                self._drop_executors()
                 raise
             if self._closing:  # closed while warming up: never start
-                for executor in self._executors:
-                    executor.shutdown(wait=False, cancel_futures=True)
+                self._drop_executors()
                 raise BatcherClosedError(f"{self._label} was closed while warming up")
         self._workers = [
             self._loop.create_task(self._worker(self._executors[i]), name=f"{self._label} worker {i}")
             for i in range(self._instances)
         ]
         self._started = True
+
+    def _drop_executors(self) -> None:
+        """The threads of a start that did not complete: stopped (a running warm-up finishes in its thread)."""
+        for executor in self._executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._executors = []
 
     async def submit(self, item: T, *, deadline: float | None = None, priority: str = "normal") -> R:
         """Queue one item and return its output.

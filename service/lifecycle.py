@@ -114,7 +114,7 @@ class Lifecycle:
                     )
                     if self.state.settings.require_gpu and model.engine.provider != CUDA:
                         raise ModelLoadError(f"require_gpu is set but {name} v{version} runs on {model.engine.provider}")
-                    await model.batcher.start()
+                    await model.start(self.state.metrics)
                 except Exception as exc:  # ModelLoadError, or anything onnxruntime raises
                     reason = str(exc)
                     self.failed[(name, version)] = (fingerprint, reason)
@@ -154,10 +154,7 @@ class Lifecycle:
     def _swap(self, added: list[ServedModel], retired: list[ServedModel]) -> None:
         self.state.models = self.state.models.with_models(added, retired)
         for model in retired:
-            self.state.metrics.model_info.remove(
-                model.name, str(model.version), model.manifest.architecture, model.engine.precision,
-                model.engine.provider, model.manifest.weights.source,
-            )
+            model.withdraw_info(self.state.metrics)
             self.state.spawn(self._retire(model), daemon=True)
 
     async def _retire(self, model: ServedModel) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,20 @@ class ServedModel:
     instances: int
     labels: np.ndarray = field(repr=False)
     padded_sizes: list[int] | None = None  # batches are padded up to one of these sizes
+
+    async def start(self, metrics: Metrics) -> None:
+        """Warm up and start the batcher; only then is the model reported in ``archserve_model_info``."""
+        await self.batcher.start()
+        metrics.model_info.labels(*self._info_labels()).set(1)
+
+    def withdraw_info(self, metrics: Metrics) -> None:
+        """No longer report the model in ``archserve_model_info`` (harmless if it never was)."""
+        with contextlib.suppress(KeyError):
+            metrics.model_info.remove(*self._info_labels())
+
+    def _info_labels(self) -> tuple[str, ...]:
+        m = self.manifest
+        return self.name, str(self.version), m.architecture, self.engine.precision, self.engine.provider, m.weights.source
 
     def describe(self, settings: Settings) -> dict:
         m = self.manifest
@@ -133,7 +149,8 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
     engine = OnnxEngine(path, manifest, config)
     instances = settings.instances or 1  # two on one CUDA session measured far slower: docs/benchmarks.md
     pad = settings.pad_batches == "always" or (settings.pad_batches == "auto" and engine.provider == CUDA)
-    padded_sizes = warmup_batch_sizes(settings.max_batch_size) if pad else None
+    batch_sizes = warmup_batch_sizes(settings.max_batch_size)
+    padded_sizes = batch_sizes if pad else None
     labels = (str(version),)
     observe = _batch_observer(metrics, name, str(version))
     batcher = Batcher(
@@ -147,11 +164,8 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         on_queue_depth=metrics.queue_depth.labels(name, *labels).set,
         on_expired=metrics.expired.labels(name, *labels).inc,
         # Every batch size, in each thread that will run batches (the batcher's start awaits it).
-        warmup=(lambda: engine.warmup(warmup_batch_sizes(settings.max_batch_size))) if settings.warmup else None,
+        warmup=(lambda: engine.warmup(batch_sizes)) if settings.warmup else None,
     )
-    metrics.model_info.labels(
-        name, str(version), manifest.architecture, engine.precision, engine.provider, manifest.weights.source
-    ).set(1)
     return ServedModel(
         name=name, version=version, path=path, manifest=manifest, engine=engine, batcher=batcher,
         preprocess=PreprocessSpec(
@@ -165,10 +179,11 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
 
 
 def padded_size(count: int, sizes: list[int] | None) -> int:
-    """The smallest of ``sizes`` that holds ``count`` items (``count`` itself if none does, or no sizes)."""
+    """The smallest of ``sizes`` (ascending) that holds ``count`` items (``count`` itself if none does, or no
+    sizes)."""
     if not sizes:
         return count
-    return next((size for size in sorted(sizes) if size >= count), count)
+    return next((size for size in sizes if size >= count), count)
 
 
 def _stacked(engine: OnnxEngine, sizes: list[int] | None = None):

@@ -57,18 +57,27 @@ class AppState:
             raise ServiceUnavailableError(f"the server is not ready: {self.reason}", retry_after_s=5)
 
     async def load(self) -> None:
-        """Load, verify and warm up every model, then start their batchers and turn ready."""
+        """Load and verify every model, then warm each up and start its batcher (``ServedModel.start``), and
+        turn ready. If anything fails (or loading is cancelled), the batchers already started are closed."""
         started = time.monotonic()
+        running: list[ServedModel] = []
         try:
             loaded = await asyncio.to_thread(self._load_all)
             for model in loaded:
-                await model.batcher.start()
+                self.reason = f"warming up {model.name} v{model.version}"
+                await model.start(self.metrics)
+                running.append(model)
+        except asyncio.CancelledError:  # shutdown while loading: leave nothing running
+            await self._stop(running)
+            raise
         except ModelLoadError as exc:
+            await self._stop(running)
             self.status, self.reason = "failed", str(exc)
             self.metrics.ready.set(0)
             log.error("not ready: %s", exc)
             return
         except Exception as exc:  # an unexpected failure must still be visible at /health/ready
+            await self._stop(running)
             self.status, self.reason = "failed", f"{type(exc).__name__}: {exc}"
             self.metrics.ready.set(0)
             log.exception("model loading failed")
@@ -77,6 +86,7 @@ class AppState:
         try:
             self.experiments.load(served_check_from_table(table))
         except Exception as exc:
+            await self._stop(running)
             self.status, self.reason = "failed", str(exc)
             log.error("not ready: %s", exc)
             return
@@ -89,6 +99,12 @@ class AppState:
                 "serving %s v%d on %s (%s), %d instance(s)",
                 model.name, model.version, model.engine.provider, model.engine.precision, model.instances,
             )
+
+    async def _stop(self, models: list[ServedModel]) -> None:
+        """Close batchers that were started but will never serve, and withdraw their model info."""
+        for model in models:
+            model.withdraw_info(self.metrics)
+            await model.batcher.close(drain=False)
 
     def _load_all(self) -> list[ServedModel]:
         loaded = []

@@ -196,15 +196,26 @@ async def test_warmup_runs_once_in_each_thread_that_runs_batches_before_any_batc
 async def test_a_failing_warmup_fails_start_and_runs_nothing():
     engine = FakeEngine()
 
-    def warmup() -> None:
-        raise RuntimeError("out of GPU memory")
+    failures = [RuntimeError("out of GPU memory")]
 
-    batcher: Batcher[int, int] = Batcher(engine, max_batch_size=4, max_queue_size=8, warmup=warmup)
+    def warmup() -> None:
+        if failures:
+            raise failures.pop()
+
+    before = {t.name for t in threading.enumerate()}
+    batcher: Batcher[int, int] = Batcher(engine, max_batch_size=4, max_queue_size=8, warmup=warmup, name="w")
     with pytest.raises(RuntimeError, match="out of GPU memory"):
         await batcher.start()
     with pytest.raises(RuntimeError, match="not started"):
         await batcher.submit(1)
     assert engine.batches == []
+    # Its thread is gone, and the batcher is not stuck half-started: a later start can succeed.
+    await eventually(lambda: not {t.name for t in threading.enumerate()} - before)
+    await batcher.start()
+    try:
+        assert await batcher.submit(1) == 2
+    finally:
+        await batcher.close()
 
 
 async def test_queue_full_rejects_at_once_and_service_continues():

@@ -162,3 +162,31 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(exported_repo):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_warmup_that_fails_leaves_no_model_running_or_reported(experiment_repo, monkeypatch):
+    """googlenet warms up and starts; resnet18's warm-up fails: the server is not ready, googlenet's batcher
+    is closed (its thread gone) and no model is reported in archserve_model_info."""
+    import threading
+
+    from service.engine import OnnxEngine
+
+    real_warmup = OnnxEngine.warmup
+
+    def warmup(self, sizes):
+        if self.manifest.name == "resnet18":
+            raise RuntimeError("out of memory while warming up")
+        real_warmup(self, sizes)
+
+    monkeypatch.setattr(OnnxEngine, "warmup", warmup)
+    with running_server(wait_ready=False, models_dir=experiment_repo, models=["googlenet", "resnet18"],
+                        max_batch_size=2) as (url, _):
+        deadline = time.monotonic() + 120
+        while (ready := httpx.get(f"{url}/health/ready")).json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        assert "out of memory while warming up" in ready.json()["reason"]
+        names = {family.name for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+                 for sample in family.samples if sample.name == "archserve_model_info"}
+        assert names == set()
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("batcher-googlenet")]
