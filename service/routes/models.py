@@ -21,7 +21,7 @@ async def list_models(request: Request) -> dict:
 @router.get("/models/{model}", summary="One model's served versions")
 async def get_model(request: Request, model: str) -> dict:
     state: AppState = request.app.state.archserve
-    state.models.get(model)  # 404 with the list of served models
+    state.model(model)  # 404 with the list of served models (503 while loading)
     versions = state.models.versions(model)
     return {
         "name": model,

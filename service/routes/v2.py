@@ -66,25 +66,16 @@ def _state(request: Request) -> AppState:
 
 
 def _lookup(state: AppState, name: str, version: str | None) -> ServedModel:
+    """The served model; 503 rather than 404 while the server has not loaded its models (``AppState.model``)."""
     if version is None:
-        return state.models.get(name)
+        return state.model(name)
     if not version.isascii() or not version.isdigit() or int(version) < 1:
-        state.models.get(name)  # an unknown model says so first
+        state.model(name)  # an unknown model says so first
         served = ", ".join(map(str, sorted(state.models.versions(name))))
         raise NotFoundError(
             f"model {name!r} has no version {version!r}: versions are positive integers; served versions: {served}"
         )
-    return state.models.get(name, int(version))
-
-
-def _lookup_served_or_loading(state: AppState, name: str, version: str | None) -> ServedModel:
-    """Metadata of a served model; 503 rather than 404 while the server has not loaded its models."""
-    try:
-        return _lookup(state, name, version)
-    except NotFoundError:
-        if not state.ready:
-            state.require_ready()  # 503 with the reason: still loading, or the load failed
-        raise
+    return state.model(name, int(version))
 
 
 # ----------------------------------------------------------------------------- health and metadata
@@ -115,7 +106,7 @@ async def server_ready(request: Request) -> JSONResponse:
 @router.get("/v2/models/{model}", response_model=schemas.ModelMetadata, responses=_ERRORS, summary="Model metadata")
 async def get_model_metadata(request: Request, model: str) -> dict:
     state = _state(request)
-    served = _lookup_served_or_loading(state, model, None)
+    served = _lookup(state, model, None)
     return model_metadata(served, state.models.versions(model))
 
 
@@ -125,7 +116,7 @@ async def get_model_metadata(request: Request, model: str) -> dict:
 )
 async def get_model_version_metadata(request: Request, model: str, version: str) -> dict:
     state = _state(request)
-    served = _lookup_served_or_loading(state, model, version)
+    served = _lookup(state, model, version)
     return model_metadata(served, state.models.versions(model))
 
 
@@ -189,13 +180,11 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             )
         body = await read_limited(request, settings.max_body_bytes)
         io = model_io(served)
-        args = (
-            body, request.headers.get(codec.HEADER_LENGTH), io, settings.max_images_per_request,
-            settings.max_body_bytes,
-        )
+        header_length = request.headers.get(codec.HEADER_LENGTH)
+        args = (body, header_length, io, settings.max_images_per_request, settings.max_body_bytes)
         # Off the loop only when there is much JSON to parse: the decode pool may be busy with JPEGs,
         # and raw pixels sent as binary data cost nothing to parse.
-        if _json_bytes(body, request.headers.get(codec.HEADER_LENGTH)) > _PARSE_INLINE_BYTES:
+        if _json_bytes(body, header_length) > _PARSE_INLINE_BYTES:
             parsed = await asyncio.get_running_loop().run_in_executor(
                 state.decode_pool, lambda: codec.parse_infer_request(*args)
             )

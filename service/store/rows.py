@@ -80,7 +80,8 @@ def check_feedback(image_index: int, label: int) -> tuple[int, int]:
 
 
 class PruneSchedule:
-    """Counts inserted rows and runs a retention pass every ``prune_every`` of them."""
+    """What the stores share about retention: checks the settings, counts inserted rows and runs a
+    retention pass every ``prune_every`` of them, and words the unknown-request error."""
 
     def _init_retention(self, retention_days: float, max_predictions: int, prune_every: int) -> None:
         """Check and keep the retention settings every store takes; start counting inserts."""

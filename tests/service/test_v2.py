@@ -146,7 +146,7 @@ def test_not_ready_server_answers_503(tmp_path):
             ready = c.get("/v2/health/ready")
             assert ready.status_code == 503 and ready.json() == {"ready": False}
             assert c.get("/v2/models/resnet18/ready").status_code == 503
-            for path in ("/v2/models/resnet18", "/v2/models/resnet18/versions/1"):  # unknown yet: not a 404
+            for path in ("/v2/models/resnet18", "/v2/models/resnet18/versions/1", "/models/resnet18"):  # not 404
                 metadata = c.get(path)
                 assert metadata.status_code == 503 and "not ready" in metadata.json()["error"], metadata.text
             response = c.post("/v2/models/resnet18/infer", json=uint8_json(pixels(1)))
