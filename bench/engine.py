@@ -102,6 +102,7 @@ def bench_engine(
     batch_sizes: list[int],
     *,
     device: str = "auto",
+    device_id: int = 0,
     intra_op_threads: int = 0,
     min_runs: int = 3,
     max_runs: int = 50,
@@ -114,7 +115,7 @@ def bench_engine(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     manifest = load_manifest(path)
     loaded = time.perf_counter()
-    engine = OnnxEngine(path, manifest, EngineConfig(device=device, intra_op_threads=intra_op_threads))
+    engine = OnnxEngine(path, manifest, EngineConfig(device=device, device_id=device_id, intra_op_threads=intra_op_threads))
     load_s = time.perf_counter() - loaded
     _, height, width, channels = manifest.input.shape
     results = measure(engine, batch_sizes, (height, width, channels), min_runs=min_runs, max_runs=max_runs,

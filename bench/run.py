@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                      # The engine once more: the machine's drift during the run, and a ceiling from both ends.
                      ("engine_after", lambda: run_engine(models_dir, model, args, Path(tmp))))
             for name, step in steps:
-                if name in skip or (name == "engine_after" and ("engine" in skip or args.quick)):
+                if name in skip or (name == "engine_after" and (r.get("engine") is None or args.quick)):
                     continue
                 print(f"--- {model}: {name}", flush=True)
                 quiet = args.guard.settle()

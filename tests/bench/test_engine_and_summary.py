@@ -168,7 +168,7 @@ def test_without_an_engine_run_after_the_first_one_stands_alone():
     assert merged["best"] == {"batch_size": 1, "img_s": 50.0}  # no size in common: the first run alone
 
 
-def test_the_merged_engine_rows_agree_with_themselves():
+def test_the_merged_engine_rows_carry_both_runs_timing():
     before = engine_report({1: 50.0, 8: 48.0})
     after = engine_report({1: 40.0, 8: 44.0})
     for report, runs in ((before, 10), (after, 12)):

@@ -47,6 +47,7 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
 
     table = (out / "gpu-results.md").read_text()
     assert "| w1 | jpeg-c1 |" in table and "| resnet18 | CPUExecutionProvider | fp32 |" in table
+    assert "| b1 | b2 |" in table  # the engine table has the batch sizes that ran
 
 
 def test_a_server_that_cannot_become_ready_fails_the_wait_at_once(exported_repo, tmp_path):
