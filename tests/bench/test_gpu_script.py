@@ -64,3 +64,29 @@ def test_a_server_that_cannot_become_ready_fails_the_wait_at_once(exported_repo,
         with pytest.raises(RuntimeError, match="failed to start: require_gpu is set"):
             server.wait_ready(timeout=120)
         assert time.monotonic() - started < 60
+
+
+def test_the_decode_ceiling_uses_the_served_models_preprocessing(experiment_repo, tmp_path):
+    from bench.gpu import preprocessing_of
+
+    assert preprocessing_of(experiment_repo, "inception_v3")[:2] == (342, 299)
+    assert preprocessing_of(experiment_repo, "resnet18") == (256, 224, "bilinear")
+    assert preprocessing_of(tmp_path, "resnet50") == (256, 224, "bilinear")  # not exported: ResNet's
+
+
+def test_the_latency_target_is_met_below_its_goal_and_the_table_says_so():
+    from bench.gpu import TARGET_P50_1_CLIENT_MS, build_parser, markdown, summarise
+
+    args = build_parser().parse_args([])
+
+    def p50_row(ms: float) -> dict:
+        data = {"serve": {"w1": {"jpeg-c1": {"server": {"request_latency_ms": {"p50": ms}},
+                                             "latency_ms": {"p50": ms + 1}}}}}
+        data["summary"] = summarise(data, args)
+        (row,) = [r for r in data["summary"]["rows"] if r["target"].startswith("p50 at 1 client")]
+        return row, markdown(data)
+
+    below, table = p50_row(TARGET_P50_1_CLIENT_MS - 1)
+    assert below["met"] is True and f"≤ {TARGET_P50_1_CLIENT_MS:,} ms" in table
+    above, _ = p50_row(TARGET_P50_1_CLIENT_MS + 1)
+    assert above["met"] is False
