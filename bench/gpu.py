@@ -293,40 +293,49 @@ def session_patterns(models_dir: Path, name: str, batch: int, device: str, devic
     variants = {"server options": {}}
     if cuda:
         variants.update({
-            "arena kNextPowerOfTwo": {"arena_extend_strategy": "kNextPowerOfTwo"},
-            "cudnn max workspace off": {"cudnn_conv_use_max_workspace": "0"},
-            "copies on their own stream": {"do_copy_in_default_stream": "0"},
+            "cuDNN heuristic search": {"cudnn_conv_algo_search": "HEURISTIC"},
+            "cuDNN default algorithm": {"cudnn_conv_algo_search": "DEFAULT"},
+            "prefer_nhwc off": {"prefer_nhwc": "0"},
         })
     _, h, w, c = manifest.input.shape
-    inputs = {b: np.zeros((b, h, w, c), np.uint8) for b in (batch, 2 * batch)}
+    sizes_run = (batch, 2 * batch)
+    inputs = {b: np.zeros((b, h, w, c), np.uint8) for b in sizes_run}
     feed = manifest.input.name
     out: dict = {"model": name, "batch": batch, "precision": precision, "variants": {}}
-    for label, extra in variants.items():
+
+    def open_session(extra: dict) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = [CPU]
         if cuda:
             providers = [("CUDAExecutionProvider", {**_cuda_options(EngineConfig(device_id=device_id)), **extra}), CPU]
+        return ort.InferenceSession(str(path / manifest.files[precision].path), options, providers=providers)
+
+    # (label, options, one session per batch size?)
+    runs = [(label, extra, False) for label, extra in variants.items()]
+    runs.append(("server options, one session per batch size (the server's CUDA default)", {}, True))
+    for label, extra, per_size in runs:
         try:
-            session = ort.InferenceSession(str(path / manifest.files[precision].path), options, providers=providers)
+            shared = open_session(extra)
+            sessions = {size: (open_session(extra) if per_size and size != batch else shared) for size in sizes_run}
         except Exception as exc:
             out["variants"][label] = {"error": str(exc)[:500]}
             continue
-        for x in inputs.values():
+        for size, x in inputs.items():
             for _ in range(2):
-                session.run(None, {feed: x})
+                sessions[size].run(None, {feed: x})
 
         def loop(sizes: list[int], counter: list[int], until: float) -> None:
             i = 0
             while time.perf_counter() < until:
                 size = sizes[i % len(sizes)]
-                session.run(None, {feed: inputs[size]})
+                sessions[size].run(None, {feed: inputs[size]})
                 counter[0] += size
                 i += 1
 
-        row = {"provider": session.get_providers()[0], "options": extra}
+        row = {"provider": shared.get_providers()[0], "options": extra, "session_per_size": per_size}
         for pattern, threads, sizes in (("1 thread", 1, [batch]), ("2 threads", 2, [batch]),
-                                        ("alternating sizes", 1, [batch, 2 * batch])):
+                                        ("alternating sizes", 1, list(sizes_run))):
             counters = [[0] for _ in range(threads)]
             started = time.perf_counter()
             until = started + seconds
@@ -338,10 +347,10 @@ def session_patterns(models_dir: Path, name: str, batch: int, device: str, devic
             row[pattern] = round(sum(c[0] for c in counters) / (time.perf_counter() - started), 1)
         first: dict[str, float] = {}
 
-        def fresh_thread() -> None:  # a thread that never ran this session: its first run at each size
+        def fresh_thread() -> None:  # a thread that never ran these sessions: its first run at each size
             for size, x in inputs.items():
                 started = time.perf_counter()
-                session.run(None, {feed: x})
+                sessions[size].run(None, {feed: x})
                 first[f"b{size}"] = round(1000 * (time.perf_counter() - started), 2)
 
         t = threading.Thread(target=fresh_thread)
@@ -404,6 +413,8 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
     ]
     if args.workers <= 1:
         configs = configs[:1]
+    for spec in args.compare_env:  # more one-worker servers, each with its own settings
+        configs.append({"label": spec["label"], "workers": 1, "env": spec["env"]})
     d, w = args.duration, args.warmup
     jpeg = ["--protocol", "classify"]
     points_by_config = {
@@ -582,6 +593,20 @@ def markdown(data: dict) -> str:
 # ---------------------------------------------------------------------------- main
 
 
+def env_spec(text: str) -> dict:
+    """``LABEL:KEY=VALUE,KEY=VALUE`` -> {"label": LABEL, "env": {KEY: VALUE}} (an argparse type)."""
+    label, sep, pairs = text.partition(":")
+    env = {}
+    for pair in filter(None, pairs.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise argparse.ArgumentTypeError(f"{pair!r} is not KEY=VALUE")
+        env[key.strip()] = value.strip()
+    if not sep or not label.strip() or not env:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL:KEY=VALUE[,KEY=VALUE]")
+    return {"label": label.strip(), "env": env}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench/results/gpu"), help="results folder")
@@ -608,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per load point")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--ready-timeout", type=float, default=240.0)
+    p.add_argument("--compare-env", type=env_spec, action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+                   help="also run the one-worker load points against a server with these environment variables "
+                        "(repeatable), e.g. one-session:ARCHSERVE_SESSION_PER_BATCH_SIZE=never")
     p.add_argument("--budget-s", type=float, default=420.0, help="no new load point starts after this")
     p.add_argument("--quick", action="store_true", help="tiny everything: a check that the script works")
     return p

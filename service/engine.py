@@ -1,7 +1,9 @@
 """onnxruntime sessions: provider choice, the precision file that goes with it, warm-up.
 
 CUDA runs the fp16 file (prefer_nhwc, cuDNN exhaustive search, bounded arena);
-the CPU runs the fp32 one. onnxruntime falls back to the CPU silently when the
+the CPU runs the fp32 one. On CUDA an engine can hold one session per batch
+size (``specialise``): a session that changes input shape rebuilds its cuDNN
+plans, which on an H200 cost ~200 ms per change (docs/benchmarks.md). onnxruntime falls back to the CPU silently when the
 CUDA libraries are missing, so the provider is read back from the session and
 reported, never assumed.
 """
@@ -98,6 +100,36 @@ class OnnxEngine:
                 self.session = self._open(version_dir / manifest.files[precision].path, False, config)
                 self.provider = self.session.get_providers()[0]
         self.precision = precision
+        self._entry = version_dir / manifest.files[precision].path
+        self._config = config
+        self._by_size: dict[int, ort.InferenceSession] = {}
+
+    @property
+    def sessions(self) -> int:
+        """How many onnxruntime sessions this engine holds."""
+        return max(1, len(self._by_size))
+
+    def specialise(self, batch_sizes: list[int]) -> None:
+        """Give each of ``batch_sizes`` a session of its own; batches of other sizes use the shared one.
+
+        A CUDA session keeps cuDNN plans for the last input shape it ran; with batches of changing size it
+        searched again on every change (~200 ms for ResNet-50 on an H200, docs/benchmarks.md). A session
+        per padded size never changes shape. Costs one copy of the weights (and one arena) per size.
+        """
+        cuda = self.provider == CUDA
+        for size in batch_sizes:
+            if size in self._by_size:
+                continue
+            if not self._by_size:  # the first size takes the session already open
+                self._by_size[size] = self.session
+                continue
+            session = self._open(self._entry, cuda, self._config)
+            if session.get_providers()[0] != self.provider:
+                raise ModelLoadError(
+                    f"{self._entry}: the session for batch size {size} got {session.get_providers()[0]}, "
+                    f"the first one {self.provider}"
+                )
+            self._by_size[size] = session
 
     @staticmethod
     def _open(entry: Path, cuda: bool, config: EngineConfig) -> ort.InferenceSession:
@@ -113,8 +145,12 @@ class OnnxEngine:
         except Exception as exc:
             raise ModelLoadError(f"onnxruntime could not load {entry}: {exc}") from exc
 
+    def session_for(self, batch_size: int) -> ort.InferenceSession:
+        return self._by_size.get(batch_size, self.session)
+
     def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+        session = self._by_size.get(len(batch), self.session) if self._by_size else self.session
+        return session.run([self.output_name], {self.input_name: batch})[0]
 
     def warmup(self, batch_sizes: list[int]) -> None:
         _, height, width, channels = self.manifest.input.shape

@@ -71,6 +71,7 @@ class ServedModel:
                 "max_queue_size": settings.max_queue_size,
                 "instances": self.instances,
                 "padded_sizes": self.padded_sizes,
+                "sessions": self.engine.sessions,
             },
             "params": m.complexity.params,
             "gflops": m.complexity.gflops,
@@ -151,6 +152,10 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
     pad = settings.pad_batches == "always" or (settings.pad_batches == "auto" and engine.provider == CUDA)
     batch_sizes = warmup_batch_sizes(settings.max_batch_size)
     padded_sizes = batch_sizes if pad else None
+    per_size = settings.session_per_batch_size == "always" or (
+        settings.session_per_batch_size == "auto" and engine.provider == CUDA)
+    if padded_sizes and per_size:
+        engine.specialise(padded_sizes)
     labels = (str(version),)
     observe = _batch_observer(metrics, name, str(version))
     batcher = Batcher(

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         "so no batch size the engine has not seen reaches it (on CUDA a new shape costs a cuDNN algorithm search "
         "of up to seconds); auto = on CUDA only.",
     )
+    session_per_batch_size: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="With padded batches, one onnxruntime session per padded size instead of one for all: a CUDA "
+        "session that changes batch size rebuilds its cuDNN plans (~200 ms per change for ResNet-50 on an H200, "
+        "docs/benchmarks.md). Costs a copy of the weights per size. auto = on CUDA only.",
+    )
 
     # Batching and limits
     max_batch_size: int = Field(32, ge=1)

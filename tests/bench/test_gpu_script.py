@@ -18,7 +18,8 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--quick", "--device", "cpu", "--models-dir", str(exported_repo),
          "--models", "resnet18", "--serve-model", "resnet18", "--batch-sizes", "1,2",
-         "--steps", "facts,decode,engine,sessions,serve", "--out", str(out), "--decode-s", "0.5"],
+         "--steps", "facts,decode,engine,sessions,serve", "--out", str(out), "--decode-s", "0.5",
+         "--compare-env", "per-size:ARCHSERVE_PAD_BATCHES=always,ARCHSERVE_SESSION_PER_BATCH_SIZE=always"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -33,6 +34,8 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
     patterns = data["sessions"]["variants"]["server options"]
     assert all(patterns[p] > 0 for p in ("1 thread", "2 threads", "alternating sizes"))
     assert set(patterns["first run in a new thread, ms"]) == {"b2", "b4"}
+    per_size = [v for v in data["sessions"]["variants"].values() if v.get("session_per_size")]
+    assert len(per_size) == 1 and per_size[0]["alternating sizes"] > 0
 
     serve = data["serve"]
     for config in ("w1", "w2"):
@@ -44,6 +47,11 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
             assert report["throughput_img_s"] > 0
     assert serve["w1"]["v2-b4-c2"]["images_per_request"] == 4
     assert serve["w2"]["batching"]["instances"] == 1
+    assert serve["w1"]["batching"]["sessions"] == 1
+    compared = serve["per-size"]  # a --compare-env server: its settings reached it, and it served the w1 points
+    assert compared["env"]["ARCHSERVE_SESSION_PER_BATCH_SIZE"] == "always"
+    assert compared["batching"]["sessions"] == len(compared["batching"]["padded_sizes"]) > 1
+    assert compared["jpeg-c1"]["errors"] == {} and compared["jpeg-c1"]["ok"] > 0
 
     table = (out / "gpu-results.md").read_text()
     assert "| w1 | jpeg-c1 |" in table and "| resnet18 | CPUExecutionProvider | fp32 |" in table
@@ -90,3 +98,14 @@ def test_the_latency_target_is_met_below_its_goal_and_the_table_says_so():
     assert below["met"] is True and f"≤ {TARGET_P50_1_CLIENT_MS:,} ms" in table
     above, _ = p50_row(TARGET_P50_1_CLIENT_MS + 1)
     assert above["met"] is False
+
+
+def test_compare_env_specs_are_parsed_or_refused_with_a_reason():
+    from argparse import ArgumentTypeError
+
+    from bench.gpu import env_spec
+
+    assert env_spec("one:A=1, B = x=y") == {"label": "one", "env": {"A": "1", "B": "x=y"}}
+    for bad in ("noenv", "label:", ":A=1", "label:A", "label:=1"):
+        with pytest.raises(ArgumentTypeError):
+            env_spec(bad)

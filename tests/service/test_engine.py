@@ -150,3 +150,46 @@ def test_warmup_runs_every_batch_size_in_the_batch_thread_when_the_batcher_start
     assert logits.shape == (1000,)
     assert [size for size, _ in calls] == [1, 2, 4, 1]
     assert len({thread for _, thread in calls}) == 1 and calls[0][1] != threading.get_ident()
+
+
+def test_a_specialised_engine_runs_each_batch_size_on_its_own_session(version_dir):
+    """One session per padded size (the CUDA default): same logits, each size always on the same session."""
+    manifest = load_manifest(version_dir)
+    plain = OnnxEngine(version_dir, manifest, EngineConfig(device="cpu"))
+    engine = OnnxEngine(version_dir, manifest, EngineConfig(device="cpu"))
+    first = engine.session
+    engine.specialise([1, 2, 4])
+    assert engine.sessions == 3
+    assert engine.session_for(1) is first  # the session already open serves the first size, not a fourth copy
+    assert len({id(engine.session_for(size)) for size in (1, 2, 4)}) == 3
+    assert engine.session_for(3) is first  # a size without its own session uses the shared one
+    engine.specialise([2, 4])  # idempotent
+    assert engine.sessions == 3
+    ran = []
+    for size in (1, 2, 4):
+        session = engine.session_for(size)
+        real = session.run
+        session_run = (lambda real, size: lambda *a, **k: (ran.append(size), real(*a, **k))[1])(real, size)
+        engine._by_size[size] = type("Spy", (), {"run": staticmethod(session_run)})()
+    rng = np.random.default_rng(5)
+    for size in (4, 1, 2):
+        batch = rng.integers(0, 256, (size, 224, 224, 3), dtype=np.uint8)
+        np.testing.assert_allclose(engine.run(batch), plain.run(batch), rtol=1e-4, atol=1e-4)
+    assert ran == [4, 1, 2]
+
+
+def test_served_models_open_a_session_per_padded_size_when_asked(version_dir):
+    base = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, pad_batches="always", warmup=False,
+                    device="cpu")
+    always = load_model("resnet18", 1, base.model_copy(update={"session_per_batch_size": "always"}),
+                        Metrics(CollectorRegistry()))
+    assert always.engine.sessions == 3
+    assert always.describe(base)["batching"]["sessions"] == 3
+    auto = load_model("resnet18", 1, base, Metrics(CollectorRegistry()))  # auto: CUDA only; this is the CPU
+    assert auto.engine.sessions == 1 and auto.describe(base)["batching"]["sessions"] == 1
+    unpadded = load_model("resnet18", 1, base.model_copy(update={"pad_batches": "never",
+                                                                  "session_per_batch_size": "always"}),
+                          Metrics(CollectorRegistry()))
+    assert unpadded.engine.sessions == 1  # without padding there is no fixed set of sizes to specialise for
+    items = [np.zeros((224, 224, 3), np.uint8)] * 3  # a batch of 3, padded to 4, runs on the size-4 session
+    assert len(_stacked(always.engine, always.padded_sizes)(items)) == 3
