@@ -14,6 +14,15 @@ from service.app import create_app
 from service.settings import Settings
 
 
+def cuda_runs(version_dir) -> bool:
+    """Whether a session asking for CUDA gets it on this machine (the CUDA provider can be listed and still
+    fail to load, as on a machine without a GPU)."""
+    from modelrepo.manifest import load_manifest
+    from service.engine import CUDA, EngineConfig, OnnxEngine
+
+    return OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="auto")).provider == CUDA
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,13 +14,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from export.preprocess import reference_preprocess
 from modelrepo import load_manifest
 from tests.images import jpeg, variants
-from tests.service.server import running_server
+from tests.service.server import cuda_runs, running_server
 
 
 @pytest.fixture(scope="module")
 def server(exported_repo):
+    # The CPU on every machine: these tests compare served scores with the fp32 file run on the CPU. What a
+    # GPU machine serves is checked by test_auto_serves_what_the_machine_has.
     with running_server(
-        models_dir=exported_repo, max_batch_size=8, max_body_bytes=2_000_000, max_image_pixels=4_000_000,
+        device="cpu", models_dir=exported_repo, max_batch_size=8, max_body_bytes=2_000_000, max_image_pixels=4_000_000,
         max_images_per_request=8,
     ) as (url, app):
         yield url, app
@@ -69,6 +71,37 @@ def test_top_k_equals_the_model_run_on_the_reference_preprocessing(url, exported
     expected = reference_top_k(exported_repo, data, 3)
     assert [g[:2] for g in got] == [e[:2] for e in expected]
     np.testing.assert_allclose([g[2] for g in got], [e[2] for e in expected], rtol=1e-4)
+
+
+def test_auto_serves_what_the_machine_has(exported_repo):
+    """device=auto: CUDA with the fp16 file where CUDA runs, else the CPU with fp32; reported as such, and the
+    scores are those of that file on that provider."""
+    from service.engine import EngineConfig, OnnxEngine
+
+    version_dir = exported_repo / "resnet18" / "1"
+    cuda = cuda_runs(version_dir)
+    expected = ("CUDAExecutionProvider", "fp16") if cuda else ("CPUExecutionProvider", "fp32")
+    with running_server(models_dir=exported_repo, max_batch_size=4) as (url, _):
+        (model,) = httpx.get(f"{url}/models").json()["models"]
+        assert (model["provider"], model["precision"]) == expected
+        assert model["batching"]["sessions"] == (len(model["batching"]["padded_sizes"]) if cuda else 1)
+        data = jpeg(seed=8)
+        response = httpx.post(f"{url}/classify/resnet18?top_k=3", content=data, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+    manifest = load_manifest(version_dir)
+    p = manifest.preprocessing
+    array = reference_preprocess(io.BytesIO(data), p.resize, p.crop, p.interpolation)
+    engine = OnnxEngine(version_dir, manifest, EngineConfig(device="auto"))
+    assert (engine.provider, engine.precision) == expected
+    logits = engine.run(array[None])[0].astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    got = response.json()["results"][0]["predictions"]
+    # Same file, same provider: the scores agree closely. fp16 on CUDA may order near-ties differently between
+    # two sessions (each picks its own cuDNN algorithms), so the scores are compared, not only the order.
+    tolerance = 2e-2 if cuda else 1e-4
+    np.testing.assert_allclose([g["score"] for g in got], probs[[g["index"] for g in got]], rtol=tolerance)
+    assert got[0]["score"] >= probs.max() * (1 - tolerance)
 
 
 def test_multipart_images_come_back_in_order(url, exported_repo):

@@ -24,9 +24,9 @@ PIXELS = 224 * 224 * 3
 
 @pytest.fixture(scope="module")
 def server(exported_repo):
-    with running_server(
-        models_dir=exported_repo, max_batch_size=8, max_body_bytes=MAX_BODY, max_images_per_request=MAX_IMAGES,
-        warmup=False,
+    with running_server(  # the CPU on every machine: outputs are compared with the fp32 file on the CPU
+        device="cpu", models_dir=exported_repo, max_batch_size=8, max_body_bytes=MAX_BODY,
+        max_images_per_request=MAX_IMAGES, warmup=False,
     ) as (url, app):
         yield url, app
 
