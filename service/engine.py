@@ -3,9 +3,10 @@
 CUDA runs the fp16 file (prefer_nhwc, cuDNN exhaustive search, bounded arena);
 the CPU runs the fp32 one. On CUDA an engine can hold one session per batch
 size (``specialise``): a session that changes input shape rebuilds its cuDNN
-plans, which on an H200 cost ~200 ms per change (docs/benchmarks.md). onnxruntime falls back to the CPU silently when the
-CUDA libraries are missing, so the provider is read back from the session and
-reported, never assumed.
+plans, which on an H200 cost ~200 ms per change (docs/benchmarks.md).
+onnxruntime falls back to the CPU silently when the CUDA libraries are
+missing, so the provider is read back from the session and reported, never
+assumed.
 """
 
 from __future__ import annotations
@@ -146,11 +147,11 @@ class OnnxEngine:
             raise ModelLoadError(f"onnxruntime could not load {entry}: {exc}") from exc
 
     def session_for(self, batch_size: int) -> ort.InferenceSession:
+        """The session that runs batches of ``batch_size`` images."""
         return self._by_size.get(batch_size, self.session)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        session = self._by_size.get(len(batch), self.session) if self._by_size else self.session
-        return session.run([self.output_name], {self.input_name: batch})[0]
+        return self.session_for(len(batch)).run([self.output_name], {self.input_name: batch})[0]
 
     def warmup(self, batch_sizes: list[int]) -> None:
         _, height, width, channels = self.manifest.input.shape
