@@ -470,7 +470,7 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
                     if time.monotonic() > deadline:
                         result[label] = {"skipped": "the time budget was spent"}
                         continue
-                    meter = CpuMeter(server.proc.pid)  # the server's (main process's) CPU, apart from the rest
+                    meter = CpuMeter(server.proc.pid)  # the server with its worker processes, apart from the rest
                     report = loadgen_point(server.url, args.serve_model, out, f"{config['label']}-{label}",
                                            concurrency=clients, duration=d, warmup=w, extra=extra)
                     report["machine_cpu"] = meter.stop()

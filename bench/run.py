@@ -87,8 +87,35 @@ def machine_info() -> dict:
     }
 
 
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and every live descendant (worker processes), plus what the tree has reaped."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[str]] = {}
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            stats[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))  # fields[1]: the parent pid
+    if pid not in stats:
+        return 0.0
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        fields = stats.get(current)
+        if fields is None:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+        todo.extend(children.get(current, []))
+    root = stats[pid]
+    total += int(root[13]) + int(root[14])  # cutime + cstime: descendants already waited for
+    return total / tick
+
+
 class CpuMeter:
-    """CPU cores used over an interval: the whole machine, one process, and this process."""
+    """CPU cores used over an interval: the whole machine, one process with its descendants, and this process."""
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
@@ -100,11 +127,7 @@ class CpuMeter:
         values = [int(v) for v in fields]
         idle = values[3] + values[4]
         busy = sum(values[:8]) - idle
-        proc = 0.0
-        if self.pid:
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-                proc = (int(stat[11]) + int(stat[12])) / tick  # utime + stime
+        proc = process_tree_cpu_s(self.pid) if self.pid else 0.0  # a server's worker processes count too
         t = os.times()
         me = t.user + t.system + t.children_user + t.children_system  # this process and reaped children
         return time.monotonic(), busy / tick, proc, me
