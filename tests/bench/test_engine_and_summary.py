@@ -70,7 +70,8 @@ def test_the_engine_benchmark_runs_the_real_model_in_rounds(exported_repo, tmp_p
     out = tmp_path / "engine.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.engine", "--models-dir", str(exported_repo), "--model", "resnet18",
-         "--batch-sizes", "1,2", "--rounds", "2", "--budget-s", "0.2", "--min-runs", "2", "--json", str(out)],
+         "--batch-sizes", "1,2", "--rounds", "2", "--budget-s", "0.2", "--min-runs", "2", "--json", str(out),
+         "--device", "cpu"],  # the CPU on every machine, as the assertions below expect
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
