@@ -118,6 +118,18 @@ def gpu_facts() -> list[dict]:
     return [dict(zip(keys, (v.strip() for v in line.split(",")))) for line in text.strip().splitlines() if line]
 
 
+def gpu_memory_used_mib(device_id: int = 0) -> int | None:
+    """GPU memory in use on ``device_id`` (all processes), in MiB; None without nvidia-smi or that GPU."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                               f"--id={device_id}"], capture_output=True, text=True, timeout=30).stdout.strip()
+        return int(text.splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def facts(device: str) -> dict:
     import onnxruntime as ort
 
@@ -439,6 +451,7 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
             results[config["label"]] = {"skipped": "the time budget was spent"}
             continue
         port = free_port()
+        idle_mib = gpu_memory_used_mib(args.device_id)
         argv = [PY, "-m", "service", "--port", str(port), "--models-dir", str(models_dir), "--models", args.serve_model,
                 "--max-batch-size", str(args.max_batch_size), "--workers", str(config["workers"]),
                 "--log-level", "warning", "--device", args.device]
@@ -446,13 +459,15 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
             argv.append("--require-gpu")
         env = {"ARCHSERVE_ACCESS_LOG": "false", "ARCHSERVE_POLL_INTERVAL_S": "0", "ARCHSERVE_MAX_QUEUE_SIZE": "4096",
                "ARCHSERVE_DEVICE_ID": str(args.device_id), **config["env"]}
-        result: dict = {"argv": argv[1:], "env": env}
+        result: dict = {"argv": argv[1:], "env": env, "gpu_memory_before_mib": idle_mib}
         results[config["label"]] = result
         log(f"starting archserve {config['label']}: {' '.join(argv[1:])}")
         try:
             with Server(f"archserve {config['label']}", argv, port, logs / f"archserve-{config['label']}.log",
                         env) as server:
                 result["ready_s"] = round(server.wait_ready(timeout=args.ready_timeout), 1)
+                # What the loaded, warmed-up sessions hold (every process on the GPU; the server is alone there).
+                result["gpu_memory_used_mib"] = gpu_memory_used_mib(args.device_id)
                 info = model_info(server, args.serve_model, config["workers"])
                 version = (info.get("versions") or [{}])[-1]
                 result["provider"], result["precision"] = version.get("provider"), version.get("precision")
@@ -587,6 +602,14 @@ def markdown(data: dict) -> str:
             lines.append(f"| {config} | {point} | {r['throughput_img_s']:,} | {lat.get('p50')} | {lat.get('p99')} | "
                          f"{(server.get('request_latency_ms') or {}).get('p50')} | {server.get('mean_batch_size')} | "
                          f"{r.get('errors') or 0} |")
+    servers = {k: v for k, v in data.get("serve", {}).items() if isinstance(v, dict) and "ready_s" in v}
+    if servers:
+        lines += ["", "Servers:", "", "| server | provider | sessions per model | ready s | GPU memory MiB: before, ready |",
+                  "|---|---|---|---|---|"]
+        for config, result in servers.items():
+            lines.append(f"| {config} | {result.get('provider')} {result.get('precision')} | "
+                         f"{(result.get('batching') or {}).get('sessions')} | {result['ready_s']} | "
+                         f"{result.get('gpu_memory_before_mib')}, {result.get('gpu_memory_used_mib')} |")
     return "\n".join(lines) + "\n"
 
 

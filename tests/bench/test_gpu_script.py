@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,10 +53,15 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
     assert compared["env"]["ARCHSERVE_SESSION_PER_BATCH_SIZE"] == "always"
     assert compared["batching"]["sessions"] == len(compared["batching"]["padded_sizes"]) > 1
     assert compared["jpeg-c1"]["errors"] == {} and compared["jpeg-c1"]["ok"] > 0
+    if not shutil.which("nvidia-smi"):  # GPU memory is read with nvidia-smi, or reported as unknown
+        assert serve["w1"]["gpu_memory_used_mib"] is None and serve["w1"]["gpu_memory_before_mib"] is None
+    else:
+        assert isinstance(serve["w1"]["gpu_memory_used_mib"], int)
 
     table = (out / "gpu-results.md").read_text()
     assert "| w1 | jpeg-c1 |" in table and "| resnet18 | CPUExecutionProvider | fp32 |" in table
     assert "| b1 | b2 |" in table  # the engine table has the batch sizes that ran
+    assert "| per-size | CPUExecutionProvider fp32 | 8 |" in table  # sessions per model, per server
 
 
 def test_a_server_that_cannot_become_ready_fails_the_wait_at_once(exported_repo, tmp_path):
