@@ -14,11 +14,12 @@ so it can be tested anywhere). Steps, each optional (``--steps``):
 ``engine``  ``bench.engine`` (the server's own ``OnnxEngine``) per model at
             batch 1, 8, 32, 128; on CUDA also ResNet-50 with the input
             already on the GPU (IO binding): the ceiling without the host copy.
-``sessions`` one session under the server's access patterns (one thread at a
-            fixed batch size, two threads at once, shapes alternating between
-            two padded sizes, the first run of each size in a new thread),
-            with the server's CUDA options and with single options changed:
-            what makes a batch slow inside the server.
+``sessions`` the server's access patterns (one thread at a fixed batch
+            size, two threads at once, shapes alternating between two padded
+            sizes, the first run of each size in a new thread) on one session
+            with the server's CUDA options, with single options changed, and
+            on one session per size (the server's CUDA default): what makes a
+            batch slow inside the server.
 ``serve``   ``python -m service`` on ResNet-50 (``--require-gpu`` on CUDA,
             batches up to 128), checks that the model reports the provider
             and precision expected (CUDA + fp16 on a GPU), then drives it with
@@ -26,7 +27,9 @@ so it can be tested anywhere). Steps, each optional (``--steps``):
             (throughput), phone-sized JPEGs, and preprocessed uint8 tensors
             over the v2 binary protocol. Once with one worker process and once
             with several (``--workers``), since one Python process cannot
-            decode or parse thousands of requests a second.
+            decode or parse thousands of requests a second; ``--compare-env``
+            adds one-worker servers with other settings. GPU memory is read
+            before each server starts and once all its workers are ready.
 
 Results go to ``--out`` as ``gpu-results.json`` (every report; updated after
 each step, so a run cut short keeps what it measured) and ``gpu-results.md``
@@ -45,6 +48,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -466,9 +470,10 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
             with Server(f"archserve {config['label']}", argv, port, logs / f"archserve-{config['label']}.log",
                         env) as server:
                 result["ready_s"] = round(server.wait_ready(timeout=args.ready_timeout), 1)
-                # What the loaded, warmed-up sessions hold (every process on the GPU; the server is alone there).
+                info = model_info(server, args.serve_model, config["workers"])  # waits for every worker
+                # What the loaded, warmed-up sessions of every worker hold (all processes on the GPU; the
+                # server is alone there).
                 result["gpu_memory_used_mib"] = gpu_memory_used_mib(args.device_id)
-                info = model_info(server, args.serve_model, config["workers"])
                 version = (info.get("versions") or [{}])[-1]
                 result["provider"], result["precision"] = version.get("provider"), version.get("precision")
                 result["batching"] = version.get("batching")
@@ -577,7 +582,7 @@ def markdown(data: dict) -> str:
         lines.append(f"| {name} | {e['provider']} | {e['precision']} | " + " | ".join(cells) + " |")
     sessions = data.get("sessions") or {}
     if sessions.get("variants"):
-        lines += ["", f"One session of {sessions['model']} ({sessions['precision']}), batch {sessions['batch']}, img/s:", "",
+        lines += ["", f"Sessions of {sessions['model']} ({sessions['precision']}), batch {sessions['batch']}, img/s:", "",
                   "| options | 1 thread | 2 threads on the session | alternating batch sizes | "
                   "first run per size in a new thread |", "|---|---|---|---|---|"]
         for label, row in sessions["variants"].items():
@@ -627,7 +632,11 @@ def env_spec(text: str) -> dict:
         env[key.strip()] = value.strip()
     if not sep or not label.strip() or not env:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL:KEY=VALUE[,KEY=VALUE]")
-    return {"label": label.strip(), "env": env}
+    label = label.strip()
+    if not re.fullmatch(r"[\w.-]+", label) or re.fullmatch(r"w\d+", label):
+        raise argparse.ArgumentTypeError(
+            f"label {label!r}: use letters, digits, '.', '_' or '-', and not w<N> (the servers bench.gpu always runs)")
+    return {"label": label, "env": env}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -665,7 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    labels = [spec["label"] for spec in args.compare_env]
+    if len(set(labels)) != len(labels):
+        parser.error(f"--compare-env labels must differ; got {', '.join(labels)}")
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:

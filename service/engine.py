@@ -77,7 +77,7 @@ def _cuda_options(config: EngineConfig) -> dict[str, str]:
 
 
 class OnnxEngine:
-    """One session for one model version; ``run`` is safe to call from several threads."""
+    """The sessions of one model version (one, or one per batch size); ``run`` is safe from several threads."""
 
     def __init__(self, version_dir: Path, manifest: Manifest, config: EngineConfig) -> None:
         version_dir = Path(version_dir)
@@ -124,7 +124,13 @@ class OnnxEngine:
             if not self._by_size:  # the first size takes the session already open
                 self._by_size[size] = self.session
                 continue
-            session = self._open(self._entry, cuda, self._config)
+            try:
+                session = self._open(self._entry, cuda, self._config)
+            except ModelLoadError as exc:
+                raise ModelLoadError(
+                    f"{exc} (the session for batch size {size}, one per padded size: if GPU memory ran out, set "
+                    "ARCHSERVE_SESSION_PER_BATCH_SIZE=never or lower ARCHSERVE_MAX_BATCH_SIZE)"
+                ) from exc
             if session.get_providers()[0] != self.provider:
                 raise ModelLoadError(
                     f"{self._entry}: the session for batch size {size} got {session.get_providers()[0]}, "

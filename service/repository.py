@@ -148,7 +148,7 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         intra_op_threads=settings.intra_op_threads,
     )
     engine = OnnxEngine(path, manifest, config)
-    instances = settings.instances or 1  # two on one CUDA session measured far slower: docs/benchmarks.md
+    instances = settings.instances or 1  # two: unmeasured since per-size sessions (docs/benchmarks.md)
     pad = settings.pad_batches == "always" or (settings.pad_batches == "auto" and engine.provider == CUDA)
     batch_sizes = warmup_batch_sizes(settings.max_batch_size)
     padded_sizes = batch_sizes if pad else None
@@ -156,6 +156,9 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         settings.session_per_batch_size == "auto" and engine.provider == CUDA)
     if padded_sizes and per_size:
         engine.specialise(padded_sizes)
+    elif settings.session_per_batch_size == "always" and not padded_sizes:
+        log.warning("%s v%s: session_per_batch_size=always needs padded batches (pad_batches is %s on %s); "
+                    "one session serves every size", name, version, settings.pad_batches, engine.provider)
     labels = (str(version),)
     observe = _batch_observer(metrics, name, str(version))
     batcher = Batcher(

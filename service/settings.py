@@ -36,8 +36,9 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per session; 0 = one per core.")
     instances: int = Field(
         0, ge=0,
-        description="Concurrent batches per model; 0 = 1. On an H200, two concurrent runs of one CUDA session made "
-        "every batch over 15x slower (docs/benchmarks.md), so raise it only after measuring.",
+        description="Concurrent batches per model; 0 = 1. On an H200, two instances once made every batch ~240 ms; "
+        "that was traced to batch-size changes on one CUDA session (fixed by session_per_batch_size), but two "
+        "instances have not been measured since (docs/benchmarks.md), so raise it only after measuring.",
     )
     pad_batches: Literal["auto", "always", "never"] = Field(
         "auto",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,10 +52,11 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
     assert compared["env"]["ARCHSERVE_SESSION_PER_BATCH_SIZE"] == "always"
     assert compared["batching"]["sessions"] == len(compared["batching"]["padded_sizes"]) > 1
     assert compared["jpeg-c1"]["errors"] == {} and compared["jpeg-c1"]["ok"] > 0
-    if not shutil.which("nvidia-smi"):  # GPU memory is read with nvidia-smi, or reported as unknown
-        assert serve["w1"]["gpu_memory_used_mib"] is None and serve["w1"]["gpu_memory_before_mib"] is None
-    else:
-        assert isinstance(serve["w1"]["gpu_memory_used_mib"], int)
+    from bench.gpu import gpu_memory_used_mib
+
+    readable = gpu_memory_used_mib() is not None  # nvidia-smi and a GPU it can read, or unknown (None)
+    for key in ("gpu_memory_before_mib", "gpu_memory_used_mib"):
+        assert isinstance(serve["w1"][key], int) if readable else serve["w1"][key] is None
 
     table = (out / "gpu-results.md").read_text()
     assert "| w1 | jpeg-c1 |" in table and "| resnet18 | CPUExecutionProvider | fp32 |" in table
@@ -112,6 +112,14 @@ def test_compare_env_specs_are_parsed_or_refused_with_a_reason():
     from bench.gpu import env_spec
 
     assert env_spec("one:A=1, B = x=y") == {"label": "one", "env": {"A": "1", "B": "x=y"}}
-    for bad in ("noenv", "label:", ":A=1", "label:A", "label:=1"):
+    for bad in ("noenv", "label:", ":A=1", "label:A", "label:=1", "w1:A=1", "w4:A=1", "a/b:A=1", "a b:A=1"):
         with pytest.raises(ArgumentTypeError):
             env_spec(bad)
+
+
+def test_compare_env_labels_must_differ():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--compare-env", "x:A=1", "--compare-env", "x:B=2", "--steps", "facts"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "--compare-env labels must differ" in proc.stderr

@@ -191,5 +191,32 @@ def test_served_models_open_a_session_per_padded_size_when_asked(version_dir):
                                                                   "session_per_batch_size": "always"}),
                           Metrics(CollectorRegistry()))
     assert unpadded.engine.sessions == 1  # without padding there is no fixed set of sizes to specialise for
+    ran = []
+    four = always.engine.session_for(4)
+    always.engine._by_size[4] = type("Spy", (), {"run": staticmethod(
+        lambda *a, **k: (ran.append(4), four.run(*a, **k))[1])})()
     items = [np.zeros((224, 224, 3), np.uint8)] * 3  # a batch of 3, padded to 4, runs on the size-4 session
     assert len(_stacked(always.engine, always.padded_sizes)(items)) == 3
+    assert ran == [4]
+
+
+def test_always_without_padding_says_it_has_no_sizes_to_specialise_for(version_dir, caplog):
+    settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, pad_batches="never", warmup=False,
+                        device="cpu", session_per_batch_size="always")
+    with caplog.at_level("WARNING", logger="service.repository"):
+        served = load_model("resnet18", 1, settings, Metrics(CollectorRegistry()))
+    assert served.engine.sessions == 1
+    assert "session_per_batch_size=always needs padded batches" in caplog.text
+
+
+def test_a_per_size_session_that_fails_to_open_names_its_size_and_the_way_out(version_dir, monkeypatch):
+    engine = OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="cpu"))
+
+    def out_of_memory(*args):
+        raise ModelLoadError("onnxruntime could not load model.onnx: Failed to allocate memory")
+
+    monkeypatch.setattr(OnnxEngine, "_open", staticmethod(out_of_memory))
+    with pytest.raises(ModelLoadError, match="batch size 2") as caught:
+        engine.specialise([1, 2, 4])
+    assert "ARCHSERVE_SESSION_PER_BATCH_SIZE=never" in str(caught.value)
+    assert "Failed to allocate memory" in str(caught.value)
