@@ -111,8 +111,6 @@ def bench_engine(
     rounds: int = 1,
     seed: int = 0,
 ) -> dict:
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
     manifest = load_manifest(path)
     loaded = time.perf_counter()
     engine = OnnxEngine(path, manifest, EngineConfig(device=device, device_id=device_id, intra_op_threads=intra_op_threads))

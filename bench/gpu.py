@@ -109,28 +109,30 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------- facts
 
 
-def gpu_facts() -> list[dict]:
+def _query_gpus(fields: str, *extra: str, units: bool = True) -> list[dict[str, str]]:
+    """``nvidia-smi --query-gpu=fields`` as one dict per GPU; [] without nvidia-smi or when it fails."""
     if not shutil.which("nvidia-smi"):
         return []
-    query = "name,driver_version,memory.total,clocks.max.sm,power.limit"
+    csv = "csv,noheader" if units else "csv,noheader,nounits"
     try:
-        text = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30).stdout
+        text = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", f"--format={csv}", *extra],
+                              capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    keys = query.split(",")
+    keys = fields.split(",")
     return [dict(zip(keys, (v.strip() for v in line.split(",")))) for line in text.strip().splitlines() if line]
+
+
+def gpu_facts() -> list[dict]:
+    return _query_gpus("name,driver_version,memory.total,clocks.max.sm,power.limit")
 
 
 def gpu_memory_used_mib(device_id: int = 0) -> int | None:
     """GPU memory in use on ``device_id`` (all processes), in MiB; None without nvidia-smi or that GPU."""
-    if not shutil.which("nvidia-smi"):
-        return None
+    rows = _query_gpus("memory.used", f"--id={device_id}", units=False)
     try:
-        text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                               f"--id={device_id}"], capture_output=True, text=True, timeout=30).stdout.strip()
-        return int(text.splitlines()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return int(rows[0]["memory.used"])
+    except (IndexError, KeyError, ValueError):
         return None
 
 
@@ -295,10 +297,9 @@ def session_patterns(models_dir: Path, name: str, batch: int, device: str, devic
     import threading
 
     import numpy as np
-    import onnxruntime as ort
 
     from modelrepo.manifest import load_manifest
-    from service.engine import CPU, EngineConfig, _cuda_options
+    from service.engine import EngineConfig, OnnxEngine
 
     from .engine import version_dir
 
@@ -319,13 +320,9 @@ def session_patterns(models_dir: Path, name: str, batch: int, device: str, devic
     feed = manifest.input.name
     out: dict = {"model": name, "batch": batch, "precision": precision, "variants": {}}
 
-    def open_session(extra: dict) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = [CPU]
-        if cuda:
-            providers = [("CUDAExecutionProvider", {**_cuda_options(EngineConfig(device_id=device_id)), **extra}), CPU]
-        return ort.InferenceSession(str(path / manifest.files[precision].path), options, providers=providers)
+    def open_session(extra: dict):  # as the server opens it, with single CUDA options changed
+        return OnnxEngine.open_session(path / manifest.files[precision].path, cuda, EngineConfig(device_id=device_id),
+                                       cuda_extra=extra)
 
     # (label, options, one session per batch size?)
     runs = [(label, extra, False) for label, extra in variants.items()]

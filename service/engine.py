@@ -91,14 +91,14 @@ class OnnxEngine:
         precision = "fp16" if want_cuda and "fp16" in manifest.files else "fp32"
         if precision not in manifest.files:
             precision = next(iter(manifest.files))
-        self.session = self._open(version_dir / manifest.files[precision].path, want_cuda, config)
+        self.session = self.open_session(version_dir / manifest.files[precision].path, want_cuda, config)
         self.provider = self.session.get_providers()[0]
         if want_cuda and self.provider != CUDA:
             _cuda_failed_reason = "the CUDA provider did not load (no GPU, or CUDA/cuDNN libraries missing)"
             log.warning("%s: %s; running on the CPU provider", version_dir, _cuda_failed_reason)
             if precision == "fp16" and "fp32" in manifest.files:
                 precision = "fp32"
-                self.session = self._open(version_dir / manifest.files[precision].path, False, config)
+                self.session = self.open_session(version_dir / manifest.files[precision].path, False, config)
                 self.provider = self.session.get_providers()[0]
         self.precision = precision
         self._entry = version_dir / manifest.files[precision].path
@@ -125,7 +125,7 @@ class OnnxEngine:
                 self._by_size[size] = self.session
                 continue
             try:
-                session = self._open(self._entry, cuda, self._config)
+                session = self.open_session(self._entry, cuda, self._config)
             except ModelLoadError as exc:
                 raise ModelLoadError(
                     f"{exc} (the session for batch size {size}, one per padded size: if GPU memory ran out, set "
@@ -139,14 +139,17 @@ class OnnxEngine:
             self._by_size[size] = session
 
     @staticmethod
-    def _open(entry: Path, cuda: bool, config: EngineConfig) -> ort.InferenceSession:
+    def open_session(entry: Path, cuda: bool, config: EngineConfig,
+                     cuda_extra: dict[str, str] | None = None) -> ort.InferenceSession:
+        """A session as the server opens it; ``cuda_extra`` overrides single CUDA provider options (bench.gpu
+        compares them)."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if config.intra_op_threads:
             options.intra_op_num_threads = config.intra_op_threads
         providers: list = [CPU]
         if cuda:
-            providers = [(CUDA, _cuda_options(config)), CPU]
+            providers = [(CUDA, {**_cuda_options(config), **(cuda_extra or {})}), CPU]
         try:
             return ort.InferenceSession(str(entry), options, providers=providers)
         except Exception as exc:

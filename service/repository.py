@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,12 +148,9 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
     )
     engine = OnnxEngine(path, manifest, config)
     instances = settings.instances or 1  # two: unmeasured since per-size sessions (docs/benchmarks.md)
-    pad = settings.pad_batches == "always" or (settings.pad_batches == "auto" and engine.provider == CUDA)
     batch_sizes = warmup_batch_sizes(settings.max_batch_size)
-    padded_sizes = batch_sizes if pad else None
-    per_size = settings.session_per_batch_size == "always" or (
-        settings.session_per_batch_size == "auto" and engine.provider == CUDA)
-    if padded_sizes and per_size:
+    padded_sizes = batch_sizes if _wanted(settings.pad_batches, engine.provider) else None
+    if padded_sizes and _wanted(settings.session_per_batch_size, engine.provider):
         engine.specialise(padded_sizes)
     elif settings.session_per_batch_size == "always" and not padded_sizes:
         log.warning("%s v%s: session_per_batch_size=always needs padded batches (pad_batches is %s on %s); "
@@ -184,6 +180,11 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         padded_sizes=padded_sizes,
         labels=np.asarray(manifest.labels, dtype=object),
     )
+
+
+def _wanted(setting: str, provider: str) -> bool:
+    """An auto/always/never setting for an engine on ``provider``: auto means on CUDA only."""
+    return setting == "always" or (setting == "auto" and provider == CUDA)
 
 
 def padded_size(count: int, sizes: list[int] | None) -> int:

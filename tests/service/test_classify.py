@@ -46,14 +46,18 @@ def sample(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    return probs / probs.sum()
+
+
 def reference_top_k(repo, data: bytes, k: int):
     manifest = load_manifest(repo / "resnet18" / "1")
     p = manifest.preprocessing
     array = reference_preprocess(io.BytesIO(data), p.resize, p.crop, p.interpolation)
     session = ort.InferenceSession(str(repo / "resnet18" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"image": array[None]})[0][0].astype(np.float64)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
+    probs = softmax(session.run(None, {"image": array[None]})[0][0])
     order = np.argsort(-probs)[:k]
     return [(int(i), manifest.labels[i], float(probs[i])) for i in order]
 
@@ -93,9 +97,7 @@ def test_auto_serves_what_the_machine_has(exported_repo):
     array = reference_preprocess(io.BytesIO(data), p.resize, p.crop, p.interpolation)
     engine = OnnxEngine(version_dir, manifest, EngineConfig(device="auto"))
     assert (engine.provider, engine.precision) == expected
-    logits = engine.run(array[None])[0].astype(np.float64)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
+    probs = softmax(engine.run(array[None])[0])
     got = response.json()["results"][0]["predictions"]
     # Same file, same provider: the scores agree closely. fp16 on CUDA may order near-ties differently between
     # two sessions (each picks its own cuDNN algorithms), so the scores are compared, not only the order.

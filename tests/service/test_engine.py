@@ -152,6 +152,19 @@ def test_warmup_runs_every_batch_size_in_the_batch_thread_when_the_batcher_start
     assert len({thread for _, thread in calls}) == 1 and calls[0][1] != threading.get_ident()
 
 
+def _spy_on_session(engine, size: int, ran: list) -> None:
+    """Wrap the session of ``size``: each run appends ``size`` to ``ran``, then runs it for real."""
+    session = engine.session_for(size)
+
+    class Spy:
+        @staticmethod
+        def run(*args, **kwargs):
+            ran.append(size)
+            return session.run(*args, **kwargs)
+
+    engine._by_size[size] = Spy()
+
+
 def test_a_specialised_engine_runs_each_batch_size_on_its_own_session(version_dir):
     """One session per padded size (the CUDA default): same logits, each size always on the same session."""
     manifest = load_manifest(version_dir)
@@ -167,10 +180,7 @@ def test_a_specialised_engine_runs_each_batch_size_on_its_own_session(version_di
     assert engine.sessions == 3
     ran = []
     for size in (1, 2, 4):
-        session = engine.session_for(size)
-        real = session.run
-        session_run = (lambda real, size: lambda *a, **k: (ran.append(size), real(*a, **k))[1])(real, size)
-        engine._by_size[size] = type("Spy", (), {"run": staticmethod(session_run)})()
+        _spy_on_session(engine, size, ran)
     rng = np.random.default_rng(5)
     for size in (4, 1, 2):
         batch = rng.integers(0, 256, (size, 224, 224, 3), dtype=np.uint8)
@@ -192,9 +202,7 @@ def test_served_models_open_a_session_per_padded_size_when_asked(version_dir):
                           Metrics(CollectorRegistry()))
     assert unpadded.engine.sessions == 1  # without padding there is no fixed set of sizes to specialise for
     ran = []
-    four = always.engine.session_for(4)
-    always.engine._by_size[4] = type("Spy", (), {"run": staticmethod(
-        lambda *a, **k: (ran.append(4), four.run(*a, **k))[1])})()
+    _spy_on_session(always.engine, 4, ran)
     items = [np.zeros((224, 224, 3), np.uint8)] * 3  # a batch of 3, padded to 4, runs on the size-4 session
     assert len(_stacked(always.engine, always.padded_sizes)(items)) == 3
     assert ran == [4]
@@ -215,7 +223,7 @@ def test_a_per_size_session_that_fails_to_open_names_its_size_and_the_way_out(ve
     def out_of_memory(*args):
         raise ModelLoadError("onnxruntime could not load model.onnx: Failed to allocate memory")
 
-    monkeypatch.setattr(OnnxEngine, "_open", staticmethod(out_of_memory))
+    monkeypatch.setattr(OnnxEngine, "open_session", staticmethod(out_of_memory))
     with pytest.raises(ModelLoadError, match="batch size 2") as caught:
         engine.specialise([1, 2, 4])
     assert "ARCHSERVE_SESSION_PER_BATCH_SIZE=never" in str(caught.value)
