@@ -401,19 +401,29 @@ def _summary(report: dict) -> str:
             f"server p50 {(server.get('request_latency_ms') or {}).get('p50')} ms")
 
 
-def model_info(server: Server, model: str, workers: int, timeout: float = 60.0) -> dict:
-    """``GET /models/{model}`` once every worker answers ready (with several workers, one ready is not all)."""
-    target = loadgen.Target("127.0.0.1", server.port)
-    needed, streak, started = 4 * workers, 0, time.monotonic()
-    while streak < needed and time.monotonic() - started < timeout:
-        status = None
-        with contextlib.suppress(Exception):
-            status, _ = loadgen.run_async(loadgen.http_get(target, "/health/ready", timeout=2.0))
-        streak = streak + 1 if status == 200 else 0
-        if status != 200:
-            time.sleep(0.25)
-    if streak < needed:  # a heuristic: readiness answers come from whichever worker accepts the connection
-        log(f"only {streak} ready answers in a row within {timeout:g}s (wanted {needed}): a worker may still load")
+def loaded_workers(server: Server) -> int:
+    """How many worker processes have loaded their models: the distinct ``pid`` labels of ``archserve_model_info``
+    in one scrape (a worker sets its model info once loaded; multiprocess mode merges every live worker)."""
+    status, body = loadgen.run_async(loadgen.http_get(loadgen.Target("127.0.0.1", server.port), "/metrics"))
+    if status != 200:
+        return 0
+    samples = loadgen.parse_metrics(body.decode(errors="replace"))
+    return len({dict(labels).get("pid") for name, labels in samples if name == "archserve_model_info"})
+
+
+def wait_for_workers(server: Server, workers: int, timeout: float = 120.0) -> int:
+    """Wait until every worker has loaded (or ``timeout``); return how many had."""
+    deadline, loaded = time.monotonic() + timeout, 0
+    while (loaded := loaded_workers(server)) < workers and time.monotonic() < deadline:
+        time.sleep(0.25)
+    if loaded < workers:
+        log(f"only {loaded} of {workers} workers loaded within {timeout:g}s")
+    return loaded
+
+
+def model_info(server: Server, model: str) -> dict:
+    """``GET /models/{model}`` once the server is ready. A worker of a multi-worker server loads before it takes
+    connections (``service.app``), so whichever worker answers has its sessions loaded and warmed up."""
     return server.get_json(f"/models/{model}") or {}
 
 
@@ -467,9 +477,10 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
             with Server(f"archserve {config['label']}", argv, port, logs / f"archserve-{config['label']}.log",
                         env) as server:
                 result["ready_s"] = round(server.wait_ready(timeout=args.ready_timeout), 1)
-                info = model_info(server, args.serve_model, config["workers"])  # waits for every worker
-                # What the loaded, warmed-up sessions of every worker hold (all processes on the GPU; the
-                # server is alone there).
+                info = model_info(server, args.serve_model)
+                if config["workers"] > 1:
+                    result["workers_loaded"] = wait_for_workers(server, config["workers"], args.ready_timeout)
+                # What the loaded, warmed-up sessions of every worker hold (the server is alone on the GPU).
                 result["gpu_memory_used_mib"] = gpu_memory_used_mib(args.device_id)
                 version = (info.get("versions") or [{}])[-1]
                 result["provider"], result["precision"] = version.get("provider"), version.get("precision")

@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         if settings.workers == 1:
             DrainingServer(uvicorn.Config("service.app:create_app", **options)).run()
         else:
-            uvicorn.run("service.app:create_app", workers=settings.workers, **options)
+            # Each worker loads before it takes requests (service.app), so a rolling restart (SIGHUP) must
+            # wait for a worker as long as loading may take, not uvicorn's default 5 s.
+            uvicorn.run("service.app:create_app", workers=settings.workers,
+                        timeout_worker_healthcheck=settings.worker_start_timeout_s, **options)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The FastAPI application: routes, one error handler, model loading in the background."""
+"""The FastAPI application: routes, one error handler, model loading (in the background with one worker)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await lifecycle.run_polling()  # then pick up newly published versions
 
         freeze_startup_objects()
-        loading = asyncio.create_task(load_then_poll())
+        if settings.workers > 1:
+            # Worker processes share one listening socket, and a worker takes connections only once its
+            # lifespan has started. Loading here, before that, means a request never lands on a worker that is
+            # still loading while its siblings serve: every answer comes from a loaded (or failed) worker. The
+            # price: nothing answers, not even /health/live, until the first worker has loaded.
+            await state.load()
+            loading = asyncio.create_task(lifecycle.run_polling())
+        else:
+            loading = asyncio.create_task(load_then_poll())
         if state.store_writer is not None:
             state.spawn(state.store_writer.run(), daemon=True)
         experiments.install_reload_signal(app)

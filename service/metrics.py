@@ -133,9 +133,40 @@ class Metrics(LabelledChildren):
         )
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def forget_dead_processes(directory: str) -> list[int]:
+    """Remove the live-mode gauge files of worker processes that are gone, and return their pids.
+
+    prometheus-client keeps a ``gauge_live*_<pid>.db`` file per process until ``mark_process_dead`` is called
+    for it. A worker killed, or replaced in a rolling restart, would otherwise go on being merged into every
+    scrape: its ``archserve_model_info`` series and queue depth forever, and its ``archserve_ready`` in the
+    ``livemin``. Counters and histograms of dead workers stay, as they should (their totals happened).
+    """
+    pids = set()
+    for name in os.listdir(directory):
+        if name.startswith("gauge_live") and name.endswith(".db"):
+            pid = name[: -len(".db")].rpartition("_")[2]
+            if pid.isdigit():
+                pids.add(int(pid))
+    dead = sorted(pid for pid in pids if not _process_exists(pid))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)
+    return dead
+
+
 def exposition(registry: CollectorRegistry = DEFAULT_REGISTRY) -> tuple[bytes, str]:
     """The text exposition for ``/metrics``, merged over processes when multiprocess."""
-    if multiprocess_dir():
+    if directory := multiprocess_dir():
+        forget_dead_processes(directory)
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged), CONTENT_TYPE_LATEST

@@ -18,6 +18,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, description="HTTP worker processes, each with its own sessions.")
+    worker_start_timeout_s: int = Field(
+        600, ge=1,
+        description="With workers > 1: how long a worker restarted by SIGHUP may take to load before the "
+        "restart is given up (the old worker keeps serving), and how long a worker may leave uvicorn's health "
+        "ping unanswered before it is replaced.",
+    )
     models_dir: Path = Path("models")
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -1,4 +1,4 @@
-"""The admin token check shared by the admin endpoints (reload, load, unload)."""
+"""The checks shared by the admin endpoints (reload, load, unload): the admin token, and one worker process."""
 
 from __future__ import annotations
 
@@ -29,3 +29,21 @@ def require_admin(request: Request) -> None:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise UnauthorizedError("this endpoint needs 'Authorization: Bearer <admin token>'")
+
+
+class SeveralWorkersError(ServiceError):
+    status_code = 409
+    code = "several_workers"
+
+
+def require_single_worker(request: Request, action: str) -> None:
+    """An admin action changes the state of the worker process that receives it, and only that one: with
+    several workers, the others would go on serving the old state. Refused, with what does reach them all."""
+    workers = request.app.state.archserve.settings.workers
+    if workers > 1:
+        raise SeveralWorkersError(
+            f"{action} would reach only the one of this server's {workers} worker processes that took this request. "
+            "Send SIGHUP to the main process instead: it restarts the workers one at a time, each loading the "
+            "repository and the experiments file anew before it takes requests (new model versions are also picked "
+            "up by every worker on its own, every ARCHSERVE_POLL_INTERVAL_S). Or run one worker per container."
+        )

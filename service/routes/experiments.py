@@ -17,7 +17,7 @@ from ..experiments.report import build_report
 from ..experiments.report_html import render_report_html
 from ..experiments.runtime import served_check_from_table
 from ..state import AppState
-from .admin import require_admin
+from .admin import require_admin, require_single_worker
 from ..store.base import ConflictingFeedbackError, StoreError, UnknownRequestError
 
 router = APIRouter(tags=["experiments"])
@@ -69,6 +69,7 @@ async def get_experiment(request: Request, name: str) -> dict:
 async def reload_experiments(request: Request) -> dict:
     require_admin(request)
     state = _state(request)
+    require_single_worker(request, "reloading the experiments file")
     if state.settings.experiments_file is None:
         raise BadRequestError("no experiments file is configured; set ARCHSERVE_EXPERIMENTS_FILE and restart")
     try:

@@ -47,6 +47,7 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
             assert report["throughput_img_s"] > 0
     assert serve["w1"]["v2-b4-c2"]["images_per_request"] == 4
     assert serve["w2"]["batching"]["instances"] == 1
+    assert serve["w2"]["workers_loaded"] == 2  # both workers' model info was in one scrape before measuring
     assert serve["w1"]["batching"]["sessions"] == 1
     compared = serve["per-size"]  # a --compare-env server: its settings reached it, and it served the w1 points
     assert compared["env"]["ARCHSERVE_SESSION_PER_BATCH_SIZE"] == "always"
