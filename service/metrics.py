@@ -9,6 +9,7 @@ the sum over all of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from prometheus_client import (
@@ -147,19 +148,23 @@ def forget_dead_processes(directory: str) -> list[int]:
     """Remove the live-mode gauge files of worker processes that are gone, and return their pids.
 
     prometheus-client keeps a ``gauge_live*_<pid>.db`` file per process until ``mark_process_dead`` is called
-    for it. A worker killed, or replaced in a rolling restart, would otherwise go on being merged into every
-    scrape: its ``archserve_model_info`` series and queue depth forever, and its ``archserve_ready`` in the
-    ``livemin``. Counters and histograms of dead workers stay, as they should (their totals happened).
-    """
-    pids = set()
+    for it (this does the same). A worker killed, or replaced in a rolling restart, would otherwise go on being
+    merged into every scrape: its ``archserve_model_info`` series and queue depth forever, and its
+    ``archserve_ready`` in the ``livemin``. Counters and histograms of dead workers stay, as they should (their
+    totals happened)."""
+    files: dict[int, list[str]] = {}
     for name in os.listdir(directory):
         if name.startswith("gauge_live") and name.endswith(".db"):
             pid = name[: -len(".db")].rpartition("_")[2]
             if pid.isdigit():
-                pids.add(int(pid))
-    dead = sorted(pid for pid in pids if not _process_exists(pid))
+                files.setdefault(int(pid), []).append(name)
+    dead = sorted(pid for pid in files if not _process_exists(pid))
     for pid in dead:
-        multiprocess.mark_process_dead(pid, directory)
+        for name in files[pid]:
+            # What prometheus-client's mark_process_dead does, but another worker scraping at the same moment
+            # may have removed the file first (the collector itself tolerates that for live gauges).
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
     return dead
 
 
