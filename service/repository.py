@@ -15,7 +15,7 @@ from modelrepo.manifest import Manifest, load_manifest
 from .batching import BatchStats, Batcher
 from .engine import CUDA, EngineConfig, ModelLoadError, OnnxEngine, verify_files
 from .errors import NotFoundError
-from .metrics import Metrics
+from .metrics import Metrics, multiprocess_dir
 from .preprocess import PreprocessSpec
 from .settings import Settings
 
@@ -34,14 +34,24 @@ class ServedModel:
     instances: int
     labels: np.ndarray = field(repr=False)
     padded_sizes: list[int] | None = None  # batches are padded up to one of these sizes
+    reported: bool = field(default=False, repr=False)  # in archserve_model_info
 
     async def start(self, metrics: Metrics) -> None:
         """Warm up and start the batcher; only then is the model reported in ``archserve_model_info``."""
         await self.batcher.start()
         metrics.model_info.labels(*self._info_labels()).set(1)
+        self.reported = True
 
     def withdraw_info(self, metrics: Metrics) -> None:
-        """No longer report the model in ``archserve_model_info`` (harmless if it never was)."""
+        """No longer report the model in ``archserve_model_info`` (harmless if it never was). With several
+        workers prometheus-client cannot remove a series (its value stays in the worker's file), so it goes to 0,
+        and leaves the scrape when the worker exits."""
+        if not self.reported:
+            return
+        self.reported = False
+        if multiprocess_dir():
+            metrics.model_info.labels(*self._info_labels()).set(0)
+            return
         with contextlib.suppress(KeyError):
             metrics.model_info.remove(*self._info_labels())
 
