@@ -404,7 +404,9 @@ def _summary(report: dict) -> str:
 def loaded_workers(server: Server) -> int:
     """How many worker processes have loaded their models: the distinct ``pid`` labels of ``archserve_model_info``
     in one scrape (a worker sets its model info once loaded; multiprocess mode merges every live worker)."""
-    status, body = loadgen.run_async(loadgen.http_get(loadgen.Target("127.0.0.1", server.port), "/metrics"))
+    status, body = None, b""
+    with contextlib.suppress(Exception):  # a scrape that fails counts as none loaded; the caller retries
+        status, body = loadgen.run_async(loadgen.http_get(loadgen.Target("127.0.0.1", server.port), "/metrics"))
     if status != 200:
         return 0
     samples = loadgen.parse_metrics(body.decode(errors="replace"))

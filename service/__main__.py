@@ -32,6 +32,38 @@ def _draining_server_class():
     return DrainingServer
 
 
+def _supervisor_class():
+    import threading
+
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        """uvicorn's worker supervisor (uvicorn >= 0.54), with SIGTERM and SIGINT that also end a rolling restart.
+
+        uvicorn queues signals and handles them between its checks; a rolling restart (SIGHUP) holds that loop
+        for as long as the new workers take to load, up to ``worker_start_timeout_s`` each, and a SIGTERM would
+        wait all that time. Here it also sets ``should_exit`` at once, which the restart checks while it waits.
+        """
+
+        def __init__(self, config, sockets) -> None:
+            super().__init__(config, sockets=sockets)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._stop)
+
+        def _stop(self, sig, frame) -> None:
+            self.signal_queue.append(sig)  # uvicorn's own handling (log, stop) when its loop gets to it
+            # From another thread: this handler may interrupt this very thread inside should_exit's lock.
+            threading.Thread(target=self.should_exit.set, daemon=True).start()
+
+        def startup_failed(self) -> bool:
+            """Whether a worker exited before it served (it could not load): uvicorn then stops the server."""
+            from uvicorn.config import STARTUP_FAILURE
+
+            return any(process.exitcode == STARTUP_FAILURE for process in self.processes)
+
+    return Supervisor
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description="archserve: batched image classification")
     parser.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
@@ -90,9 +122,16 @@ def main(argv: list[str] | None = None) -> int:
             DrainingServer(uvicorn.Config("service.app:create_app", **options)).run()
         else:
             # Each worker loads before it takes requests (service.app), so a rolling restart (SIGHUP) must
-            # wait for a worker as long as loading may take, not uvicorn's default 5 s.
-            uvicorn.run("service.app:create_app", workers=settings.workers,
-                        timeout_worker_healthcheck=settings.worker_start_timeout_s, **options)
+            # wait for a worker as long as loading may take, not uvicorn's default 5 s. What uvicorn.run does
+            # for several workers, with our supervisor, which also says whether a worker failed to start.
+            config = uvicorn.Config("service.app:create_app", workers=settings.workers,
+                                    timeout_worker_healthcheck=settings.worker_start_timeout_s, **options)
+            supervisor = _supervisor_class()(config, sockets=[config.bind_socket()])
+            supervisor.run()
+            if supervisor.startup_failed():
+                print("error: a worker could not load its models (its log above says why); the server stopped",
+                      file=sys.stderr)
+                return 1
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -48,9 +49,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.workers > 1:
             # Worker processes share one listening socket, and a worker takes connections only once its
             # lifespan has started. Loading here, before that, means a request never lands on a worker that is
-            # still loading while its siblings serve: every answer comes from a loaded (or failed) worker. The
-            # price: nothing answers, not even /health/live, until the first worker has loaded.
+            # still loading while its siblings serve: every answer comes from a loaded worker. The price: nothing
+            # answers, not even /health/live, until the first worker has loaded (connections wait in the backlog).
             await state.load()
+            if state.status == "failed":
+                # Exit instead of serving 503 beside ready siblings: uvicorn then stops the server at its first
+                # start (python -m service exits 1), and abandons a rolling restart (SIGHUP), keeping the old
+                # worker, instead of replacing a working worker with a broken one.
+                raise RuntimeError(f"worker {os.getpid()} could not load its models: {state.reason}")
             loading = asyncio.create_task(lifecycle.run_polling())
         else:
             loading = asyncio.create_task(load_then_poll())

@@ -36,14 +36,18 @@ class SeveralWorkersError(ServiceError):
     code = "several_workers"
 
 
-def require_single_worker(request: Request, action: str) -> None:
+RESTART_HINT = (
+    "send SIGHUP to the main process: it restarts the workers one at a time, each loading the repository and "
+    "the experiments file anew before it takes requests"
+)
+
+
+def require_single_worker(request: Request, action: str, instead: str = RESTART_HINT) -> None:
     """An admin action changes the state of the worker process that receives it, and only that one: with
-    several workers, the others would go on serving the old state. Refused, with what does reach them all."""
+    several workers, the others would go on serving the old state. Refused, saying what reaches them all."""
     workers = request.app.state.archserve.settings.workers
     if workers > 1:
         raise SeveralWorkersError(
-            f"{action} would reach only the one of this server's {workers} worker processes that took this request. "
-            "Send SIGHUP to the main process instead: it restarts the workers one at a time, each loading the "
-            "repository and the experiments file anew before it takes requests (new model versions are also picked "
-            "up by every worker on its own, every ARCHSERVE_POLL_INTERVAL_S). Or run one worker per container."
+            f"{action} would reach only the one of this server's {workers} worker processes that took this "
+            f"request; {instead}. Or run one worker per container."
         )

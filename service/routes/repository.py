@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ..lifecycle import Lifecycle
-from .admin import require_admin, require_single_worker
+from .admin import RESTART_HINT, require_admin, require_single_worker
 
 router = APIRouter(tags=["model repository"])
 
@@ -22,7 +22,10 @@ async def index(request: Request) -> list[dict]:
 @router.post("/v2/repository/models/{model}/load", summary="Load (or reload) a model (admin token required)")
 async def load(request: Request, model: str) -> dict:
     require_admin(request)
-    require_single_worker(request, f"loading {model!r}")
+    require_single_worker(
+        request, f"loading {model!r}",
+        RESTART_HINT + " (new versions also reach every worker on its own, every ARCHSERVE_POLL_INTERVAL_S)",
+    )
     lifecycle = _lifecycle(request)
     await lifecycle.load(model)
     versions = sorted(lifecycle.state.models.versions(model))
@@ -32,6 +35,9 @@ async def load(request: Request, model: str) -> dict:
 @router.post("/v2/repository/models/{model}/unload", summary="Stop serving a model (admin token required)")
 async def unload(request: Request, model: str) -> dict:
     require_admin(request)
-    require_single_worker(request, f"unloading {model!r}")
+    require_single_worker(
+        request, f"unloading {model!r}",
+        "to stop serving it on every worker, restart the server without it in ARCHSERVE_MODELS",
+    )
     versions = await _lifecycle(request).unload(model)
     return {"name": model, "unloaded_versions": [str(v) for v in versions], "state": "UNAVAILABLE"}

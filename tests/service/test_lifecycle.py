@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.images import jpeg
@@ -116,19 +119,52 @@ def test_a_disconnected_client_leaves_the_queue(exported_repo):
         assert counter(url, "archserve_batch_size_sum") == 49
 
 
-def _start_service(repo, port: int, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCHSERVE_", "PROMETHEUS_"))}
+def _start_service(repo, port: int, *extra: str, log=None, env=None) -> subprocess.Popen:
+    """``python -m service`` in its own process group (so its workers can be killed with it), logging to ``log``."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ARCHSERVE_", "PROMETHEUS_"))}, **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), "--models-dir", str(repo), "--log-level", "warning",
          *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=open(log, "w") if log else subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
+
+
+@contextlib.contextmanager
+def _service(repo, tmp_path, *extra: str, env=None):
+    """A server with several workers: (process, url, log path); stopped with SIGTERM, killed if it hangs."""
+    port, log = free_port(), tmp_path / "service.log"
+    proc = _start_service(repo, port, *extra, log=log, env=env)
+    try:
+        yield proc, f"http://127.0.0.1:{port}", log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its workers too, whatever happened
+        proc.wait(timeout=10)
 
 
 def _worker_pids(url: str) -> set[str]:
     """The worker processes whose model info is in a scrape: one per loaded worker."""
-    return {s.labels["pid"] for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+    for attempt in range(3):  # a worker being replaced can close a fresh connection unanswered
+        try:
+            text = httpx.get(f"{url}/metrics", timeout=30).text
+            break
+        except httpx.TransportError:
+            if attempt == 2:
+                raise
+    return {s.labels["pid"] for family in text_string_to_metric_families(text)
             if family.name == "archserve_model_info" for s in family.samples}
+
+
+def _wait_for_pids(url: str, count: int, timeout: float = 120) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while len(pids := _worker_pids(url)) < count and time.monotonic() < deadline:  # one may still be loading
+        time.sleep(0.2)
+    return pids
 
 
 def _first_answer(url: str, path: str, timeout: float = 120) -> httpx.Response:
@@ -165,11 +201,16 @@ async def _traffic_until(url: str, done, timeout: float, clients: int = 4) -> tu
     return codes, resets
 
 
-def test_metrics_from_every_worker_process_are_in_one_scrape(exported_repo):
-    port = free_port()
-    proc = _start_service(exported_repo, port, "--workers", "2")
-    url = f"http://127.0.0.1:{port}"
-    try:
+@pytest.fixture()
+def own_repo(exported_repo, tmp_path):
+    """A copy of the repository that a test may damage."""
+    root = tmp_path / "models"
+    shutil.copytree(exported_repo / "resnet18", root / "resnet18")
+    return root
+
+
+def test_metrics_from_every_worker_process_are_in_one_scrape(exported_repo, tmp_path):
+    with _service(exported_repo, tmp_path, "--workers", "2") as (proc, url, _):
         # A worker takes connections only once it has loaded: the very first answer, and every one after it,
         # comes from a ready worker, never a 503 from one still loading beside a ready one.
         first = _first_answer(url, "/health/ready")
@@ -180,27 +221,15 @@ def test_metrics_from_every_worker_process_are_in_one_scrape(exported_repo):
         for _ in range(6):  # whichever worker answers the scrape, it reports all of them
             assert counter(url, "archserve_requests_total", model="resnet18", code=200) == 20
             assert counter(url, "archserve_images_total", model="resnet18") == 20
-        deadline = time.monotonic() + 120
-        while len(_worker_pids(url)) < 2 and time.monotonic() < deadline:  # the second may still be loading
-            time.sleep(0.2)
-        assert len(_worker_pids(url)) == 2, "model info should come from both worker processes"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        assert len(_wait_for_pids(url, 2)) == 2, "model info should come from both worker processes"
 
 
-def test_sighup_restarts_workers_one_at_a_time_without_a_failed_request(exported_repo):
+def test_sighup_restarts_workers_one_at_a_time_without_a_failed_request(exported_repo, tmp_path):
     """SIGHUP to the main process replaces every worker, each new one loading before it takes requests; requests
     sent all along succeed, and the scrape forgets the old workers' model info (their processes are gone)."""
-    port = free_port()
-    proc = _start_service(exported_repo, port, "--workers", "2")
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with _service(exported_repo, tmp_path, "--workers", "2") as (proc, url, _):
         assert _first_answer(url, "/health/ready").status_code == 200
-        deadline = time.monotonic() + 120
-        while len(old := _worker_pids(url)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(old) == 2
+        assert len(old := _wait_for_pids(url, 2)) == 2
         proc.send_signal(signal.SIGHUP)
         codes, resets = asyncio.run(_traffic_until(url, lambda: not _worker_pids(url) & old, timeout=180))
         new = _worker_pids(url)
@@ -212,9 +241,79 @@ def test_sighup_restarts_workers_one_at_a_time_without_a_failed_request(exported
         assert resets <= len(codes) // 10, (resets, len(codes))
         assert counter(url, "archserve_ready") == 1  # livemin over the live workers only
         assert proc.poll() is None
-    finally:
+
+
+def test_a_retired_version_stays_at_0_in_model_info_with_several_workers(own_repo, tmp_path):
+    """prometheus-client cannot remove a series in multiprocess mode: after a hot reload, each worker's old
+    version must read 0 (not 1 beside the new one), and the new version 1."""
+    from tests.service.test_model_lifecycle import publish
+
+    def info(url) -> dict[tuple[str, str], float]:
+        return {(s.labels["version"], s.labels["pid"]): s.value
+                for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+                if family.name == "archserve_model_info" for s in family.samples}
+
+    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu",
+                  env={"ARCHSERVE_POLL_INTERVAL_S": "0.3"}) as (proc, url, log):
+        assert _first_answer(url, "/health/ready").status_code == 200
+        pids = _wait_for_pids(url, 2)
+        assert info(url) == {("1", pid): 1.0 for pid in pids}
+        publish(own_repo, 2)
+        wanted = {**{("1", pid): 0.0 for pid in pids}, **{("2", pid): 1.0 for pid in pids}}
+        deadline = time.monotonic() + 120
+        while info(url) != wanted and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert info(url) == wanted, log.read_text()[-2000:]
+
+
+def _truncate_model(repo) -> None:
+    path = repo / "resnet18" / "1" / "model.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def test_a_worker_that_cannot_load_stops_the_server_with_exit_1(own_repo, tmp_path):
+    _truncate_model(own_repo)
+    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu") as (proc, _, log):
+        assert proc.wait(timeout=120) == 1
+        output = log.read_text()
+        assert "could not load its models" in output and "resnet18" in output, output[-3000:]
+
+
+def test_sighup_keeps_the_old_workers_when_a_new_one_cannot_load(own_repo, tmp_path):
+    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info") as (proc, url, log):
+        assert _first_answer(url, "/health/ready").status_code == 200
+        assert len(old := _wait_for_pids(url, 2)) == 2
+        _truncate_model(own_repo)  # the running workers hold their sessions; a new one would fail to load
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while "aborting the restart" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "aborting the restart" in log.read_text(), log.read_text()[-3000:]
+        assert proc.poll() is None and _worker_pids(url) == old
+        assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
+
+
+def test_sigterm_ends_a_rolling_restart_at_once(own_repo, tmp_path):
+    """A new worker that hangs while starting (its experiments file is now a FIFO nobody writes) would hold a SIGHUP
+    restart for ARCHSERVE_WORKER_START_TIMEOUT_S (600 s): SIGTERM must not wait for it. With uvicorn's own signal
+    handling the server was still up 20 s after SIGTERM."""
+    experiments = tmp_path / "experiments.yaml"
+    experiments.write_text("experiments: []\n")
+    env = {"ARCHSERVE_EXPERIMENTS_FILE": str(experiments), "ARCHSERVE_STORE_PATH": str(tmp_path / "store.sqlite3")}
+    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info",
+                  env=env) as (proc, url, log):
+        assert _first_answer(url, "/health/ready").status_code == 200
+        assert len(_wait_for_pids(url, 2)) == 2
+        experiments.unlink()
+        os.mkfifo(experiments)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "restarting processes" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)  # the new worker is now stuck reading the experiments file
+        assert proc.poll() is None and "aborting the restart" not in log.read_text()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(exported_repo):
