@@ -33,33 +33,72 @@ def _draining_server_class():
 
 
 def _supervisor_class():
+    import queue
     import threading
 
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
+    from uvicorn.supervisors.multiprocess import Process
+
+    log = logging.getLogger("uvicorn.error")
 
     class Supervisor(Multiprocess):
-        """uvicorn's worker supervisor (uvicorn >= 0.54), with SIGTERM and SIGINT that also end a rolling restart.
+        """uvicorn's worker supervisor (uvicorn >= 0.54), with two changes.
 
-        uvicorn queues signals and handles them between its checks; a rolling restart (SIGHUP) holds that loop
-        for as long as the new workers take to load, up to ``worker_start_timeout_s`` each, and a SIGTERM would
-        wait all that time. Here it also sets ``should_exit`` at once, which the restart checks while it waits.
+        - SIGTERM and SIGINT also end a rolling restart. uvicorn queues signals and handles them between its
+          checks; a restart (SIGHUP) holds that loop for as long as the new workers take to load, up to
+          ``worker_start_timeout_s`` each, and a SIGTERM would wait all that time. Here a thread sets
+          ``should_exit`` at once, which the restart checks while it waits.
+        - A worker that cannot start stops the server only at the first start. Once every first worker has
+          served, one started to replace a worker that died and cannot load (the newest version on disk is
+          broken, the GPU is full) is started again, while the others serve on, instead of taking them down.
         """
 
         def __init__(self, config, sockets) -> None:
             super().__init__(config, sockets=sockets)
+            self.served = False  # every worker of the first start has been ready
+            self._stops: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=self._stopper, daemon=True).start()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._stop)
 
         def _stop(self, sig, frame) -> None:
-            self.signal_queue.append(sig)  # uvicorn's own handling (log, stop) when its loop gets to it
-            # From another thread: this handler may interrupt this very thread inside should_exit's lock.
-            threading.Thread(target=self.should_exit.set, daemon=True).start()
+            self.signal_queue.append(sig)
+            self._stops.put_nowait(sig)  # reentrant: safe in a signal handler, unlike taking should_exit's lock
+
+        def _stopper(self) -> None:
+            sig = self._stops.get()
+            log.info("Received %s, exiting.", signal.Signals(sig).name)
+            self.should_exit.set()
+
+        def keep_subprocess_alive(self) -> None:
+            """uvicorn's, but for what a worker that could not start (exit code STARTUP_FAILURE) stops."""
+            if self.should_exit.is_set():
+                return
+            if not self.served:
+                self.served = all(process.is_ready(timeout=1) for process in self.processes)
+            for idx, process in enumerate(self.processes):
+                if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                    continue
+                process.kill()  # hung, or already gone
+                process.join()
+                if process.exitcode == STARTUP_FAILURE and not self.served:
+                    log.error("Child process [%s] failed to start, stopping the parent process.", process.pid)
+                    self.should_exit.set()
+                    return
+                if self.should_exit.is_set():
+                    return
+                if process.exitcode == STARTUP_FAILURE:
+                    log.error("Child process [%s] could not start; the other workers serve on; starting another",
+                              process.pid)
+                else:
+                    log.info("Child process [%s] died", process.pid)
+                self.processes[idx] = Process(self.config, self.sockets)
+                self.processes[idx].start()
 
         def startup_failed(self) -> bool:
-            """Whether a worker exited before it served (it could not load): uvicorn then stops the server."""
-            from uvicorn.config import STARTUP_FAILURE
-
-            return any(process.exitcode == STARTUP_FAILURE for process in self.processes)
+            """Whether the server stopped because a worker of its first start could not start."""
+            return not self.served and any(process.exitcode == STARTUP_FAILURE for process in self.processes)
 
     return Supervisor
 
@@ -129,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             supervisor = _supervisor_class()(config, sockets=[config.bind_socket()])
             supervisor.run()
             if supervisor.startup_failed():
-                print("error: a worker could not load its models (its log above says why); the server stopped",
-                      file=sys.stderr)
+                print("error: a worker could not start (a model that does not load, a bad file or setting: its "
+                      "log above says why); the server stopped", file=sys.stderr)
                 return 1
     finally:
         if metrics_dir:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.config import STARTUP_FAILURE
 
 from .errors import ServiceError
 from .experiments.runtime import Experiments, served_check_from_plan
@@ -33,7 +34,20 @@ log = logging.getLogger("archserve")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application (uvicorn's factory). A bad experiments file or repository stops the server before it
+    listens. With several workers that must be a startup failure: uvicorn restarts a worker that exits
+    otherwise, forever, but stops the server when one exits with STARTUP_FAILURE."""
     settings = settings or Settings()
+    if settings.workers == 1:
+        return _build_app(settings)
+    try:
+        return _build_app(settings)
+    except Exception:
+        log.exception("worker %d could not start", os.getpid())
+        raise SystemExit(STARTUP_FAILURE) from None
+
+
+def _build_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

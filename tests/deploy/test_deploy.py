@@ -492,6 +492,17 @@ def test_dashboard_queries_use_exposed_series(path):
                 f"{path.name}: panel {panel['id']} must use the $datasource variable"
 
 
+def test_model_info_queries_count_only_series_at_1():
+    """With several workers a retired version's model info stays in the scrape at 0 (prometheus-client cannot
+    remove a series in multiprocess mode): every dashboard and alert query that counts or lists it filters == 1."""
+    groups = [g for path in RULES for g in yaml.safe_load(path.read_text())["groups"]]
+    exprs = list(rule_exprs(groups)) + [e for path in DASHBOARDS for e in dashboard_exprs(json.loads(path.read_text()))]
+    uses = [(expr, m) for expr in exprs for m in re.finditer(r"archserve_model_info(\{[^}]*\})?", expr)]
+    assert len(uses) >= 4
+    for expr, match in uses:
+        assert expr[match.end():].lstrip().startswith("== 1"), f"archserve_model_info without '== 1' in: {expr}"
+
+
 def test_dashboard_uids_are_unique():
     uids = [json.loads(p.read_text())["uid"] for p in DASHBOARDS]
     assert len(uids) == len(set(uids))

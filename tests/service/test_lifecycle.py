@@ -279,6 +279,38 @@ def test_a_worker_that_cannot_load_stops_the_server_with_exit_1(own_repo, tmp_pa
         assert "could not load its models" in output and "resnet18" in output, output[-3000:]
 
 
+def test_a_bad_experiments_file_stops_a_server_with_several_workers_with_exit_1(exported_repo, tmp_path):
+    """Raised while the app is built (before its lifespan): uvicorn would restart such a worker forever."""
+    experiments = tmp_path / "experiments.yaml"
+    experiments.write_text("experiments:\n  - name: resnet18\n    variants: []\n")
+    env = {"ARCHSERVE_EXPERIMENTS_FILE": str(experiments), "ARCHSERVE_STORE_PATH": str(tmp_path / "store.sqlite3")}
+    with _service(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", env=env) as (proc, _, log):
+        assert proc.wait(timeout=120) == 1, log.read_text()[-3000:]
+        output = log.read_text()
+        assert "could not start" in output and "experiments" in output, output[-3000:]
+
+
+def test_a_dead_workers_replacement_that_cannot_load_leaves_the_others_serving(own_repo, tmp_path):
+    """Once the server has served, a worker that cannot start (here: the model broke on disk after the start, and
+    a worker died) must not take the healthy workers down with it; it is started again."""
+    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info") as (proc, url, log):
+        assert _first_answer(url, "/health/ready").status_code == 200
+        pids = _wait_for_pids(url, 2)
+        assert len(pids) == 2
+        time.sleep(1.5)  # the supervisor sees both ready (it checks every 0.5 s)
+        _truncate_model(own_repo)
+        victim, survivor = sorted(pids)
+        os.kill(int(victim), signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while log.read_text().count("could not start; the other workers serve on") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert log.read_text().count("could not start; the other workers serve on") >= 2, log.read_text()[-3000:]
+        assert proc.poll() is None
+        assert [httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code
+                for _ in range(5)] == [200] * 5
+        assert _worker_pids(url) == {survivor}
+
+
 def test_sighup_keeps_the_old_workers_when_a_new_one_cannot_load(own_repo, tmp_path):
     with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info") as (proc, url, log):
         assert _first_answer(url, "/health/ready").status_code == 200
