@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 
 from pydantic import ValidationError
 
@@ -51,19 +52,21 @@ def _supervisor_class():
           ``should_exit`` at once, which the restart checks while it waits.
         - A worker that cannot start stops the server only at the first start. Once every first worker has
           served, one started to replace a worker that died and cannot load (the newest version on disk is
-          broken, the GPU is full) is started again, while the others serve on, instead of taking them down.
+          broken, the GPU is full) is started again after 2, 4, 8 ... 60 s, while the others serve on, instead
+          of taking them down.
         """
 
         def __init__(self, config, sockets) -> None:
             super().__init__(config, sockets=sockets)
             self.served = False  # every worker of the first start has been ready
+            self._retry: dict[int, tuple[float, object]] = {}  # slot -> (when to start it again, its failed process)
+            self._failures: dict[int, int] = {}  # slot -> failed starts in a row
             self._stops: queue.SimpleQueue = queue.SimpleQueue()
             threading.Thread(target=self._stopper, daemon=True).start()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._stop)
 
         def _stop(self, sig, frame) -> None:
-            self.signal_queue.append(sig)
             self._stops.put_nowait(sig)  # reentrant: safe in a signal handler, unlike taking should_exit's lock
 
         def _stopper(self) -> None:
@@ -72,13 +75,25 @@ def _supervisor_class():
             self.should_exit.set()
 
         def keep_subprocess_alive(self) -> None:
-            """uvicorn's, but for what a worker that could not start (exit code STARTUP_FAILURE) stops."""
+            """uvicorn's, but for what a worker that could not start (exit code STARTUP_FAILURE) does: before the
+            server has served, it stops the server; after, its slot is started again with a growing delay."""
             if self.should_exit.is_set():
                 return
             if not self.served:
                 self.served = all(process.is_ready(timeout=1) for process in self.processes)
+            now = time.monotonic()
             for idx, process in enumerate(self.processes):
+                if idx in self._retry:
+                    when, failed = self._retry[idx]
+                    if failed is process and now < when:
+                        continue  # waiting to try this slot again
+                    del self._retry[idx]
+                    if failed is process:
+                        self._start(idx)
+                    continue  # else a rolling restart filled the slot meanwhile
                 if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                    if idx in self._failures and process.is_ready(timeout=1):
+                        del self._failures[idx]
                     continue
                 process.kill()  # hung, or already gone
                 process.join()
@@ -89,12 +104,18 @@ def _supervisor_class():
                 if self.should_exit.is_set():
                     return
                 if process.exitcode == STARTUP_FAILURE:
-                    log.error("Child process [%s] could not start; the other workers serve on; starting another",
-                              process.pid)
-                else:
-                    log.info("Child process [%s] died", process.pid)
-                self.processes[idx] = Process(self.config, self.sockets)
-                self.processes[idx].start()
+                    failures = self._failures[idx] = self._failures.get(idx, 0) + 1
+                    delay = min(60.0, 2.0**failures)
+                    log.error("Child process [%s] could not start; the other workers serve on; trying again in "
+                              "%.0f s", process.pid, delay)
+                    self._retry[idx] = (now + delay, process)
+                    continue
+                log.info("Child process [%s] died", process.pid)
+                self._start(idx)
+
+        def _start(self, idx: int) -> None:
+            self.processes[idx] = Process(self.config, self.sockets)
+            self.processes[idx].start()
 
         def startup_failed(self) -> bool:
             """Whether the server stopped because a worker of its first start could not start."""

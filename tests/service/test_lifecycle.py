@@ -292,7 +292,7 @@ def test_a_bad_experiments_file_stops_a_server_with_several_workers_with_exit_1(
 
 def test_a_dead_workers_replacement_that_cannot_load_leaves_the_others_serving(own_repo, tmp_path):
     """Once the server has served, a worker that cannot start (here: the model broke on disk after the start, and
-    a worker died) must not take the healthy workers down with it; it is started again."""
+    a worker died) must not take the healthy workers down with it; it is started again, with a growing delay."""
     with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info") as (proc, url, log):
         assert _first_answer(url, "/health/ready").status_code == 200
         pids = _wait_for_pids(url, 2)
@@ -304,7 +304,9 @@ def test_a_dead_workers_replacement_that_cannot_load_leaves_the_others_serving(o
         deadline = time.monotonic() + 120
         while log.read_text().count("could not start; the other workers serve on") < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert log.read_text().count("could not start; the other workers serve on") >= 2, log.read_text()[-3000:]
+        output = log.read_text()
+        assert output.count("could not start; the other workers serve on") >= 2, output[-3000:]
+        assert "trying again in 2 s" in output and "trying again in 4 s" in output  # not every tick (0.5 s)
         assert proc.poll() is None
         assert [httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code
                 for _ in range(5)] == [200] * 5
