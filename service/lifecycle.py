@@ -21,7 +21,6 @@ from pathlib import Path
 from modelrepo.layout import list_model_names, list_versions
 from modelrepo.manifest import MANIFEST_FILENAME
 
-from .engine import CUDA, ModelLoadError
 from .errors import BadRequestError, NotFoundError
 from .repository import ServedModel, load_model
 from .state import AppState
@@ -112,8 +111,6 @@ class Lifecycle:
                     model = await asyncio.to_thread(
                         load_model, name, version, self.state.settings, self.state.metrics
                     )
-                    if self.state.settings.require_gpu and model.engine.provider != CUDA:
-                        raise ModelLoadError(f"require_gpu is set but {name} v{version} runs on {model.engine.provider}")
                     await model.start(self.state.metrics)
                 except Exception as exc:  # ModelLoadError, or anything onnxruntime raises
                     reason = str(exc)

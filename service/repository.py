@@ -157,6 +157,11 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         intra_op_threads=settings.intra_op_threads,
     )
     engine = OnnxEngine(path, manifest, config)
+    if settings.require_gpu and engine.provider != CUDA:
+        raise ModelLoadError(
+            f"require_gpu is set but {name} v{version} runs on {engine.provider}: the CUDA provider did not load "
+            "(no GPU, or CUDA/cuDNN libraries missing; see the log)"
+        )
     instances = settings.instances or 1  # two: unmeasured since per-size sessions (docs/benchmarks.md)
     batch_sizes = warmup_batch_sizes(settings.max_batch_size)
     padded_sizes = batch_sizes if _wanted(settings.pad_batches, engine.provider) else None

@@ -9,7 +9,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .engine import CUDA, ModelLoadError
+from .engine import ModelLoadError
 from .errors import NotFoundError, ServiceUnavailableError
 from .experiments.runtime import Experiments, served_check_from_table
 from .metrics import ExperimentMetrics, Metrics
@@ -120,13 +120,7 @@ class AppState:
         loaded = []
         for name, version in plan_versions(self.settings):
             self.reason = f"loading {name} v{version}"
-            model = load_model(name, version, self.settings, self.metrics)
-            if self.settings.require_gpu and model.engine.provider != CUDA:
-                raise ModelLoadError(
-                    f"require_gpu is set but {name} v{version} runs on {model.engine.provider}: the CUDA "
-                    "provider did not load (no GPU, or CUDA/cuDNN libraries missing; see the log)"
-                )
-            loaded.append(model)
+            loaded.append(load_model(name, version, self.settings, self.metrics))
         return loaded
 
     def spawn(self, coro, daemon: bool = False) -> None:

@@ -52,10 +52,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return probs / probs.sum()
 
 
+def reference_input(version_dir, data: bytes) -> np.ndarray:
+    """The export stage's reference preprocessing of ``data``, as the model's manifest says."""
+    p = load_manifest(version_dir).preprocessing
+    return reference_preprocess(io.BytesIO(data), p.resize, p.crop, p.interpolation)
+
+
 def reference_top_k(repo, data: bytes, k: int):
     manifest = load_manifest(repo / "resnet18" / "1")
-    p = manifest.preprocessing
-    array = reference_preprocess(io.BytesIO(data), p.resize, p.crop, p.interpolation)
+    array = reference_input(repo / "resnet18" / "1", data)
     session = ort.InferenceSession(str(repo / "resnet18" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     probs = softmax(session.run(None, {"image": array[None]})[0][0])
     order = np.argsort(-probs)[:k]
@@ -92,10 +97,8 @@ def test_auto_serves_what_the_machine_has(exported_repo):
         data = jpeg(seed=8)
         response = httpx.post(f"{url}/classify/resnet18?top_k=3", content=data, headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 200, response.text
-    manifest = load_manifest(version_dir)
-    p = manifest.preprocessing
-    array = reference_preprocess(io.BytesIO(data), p.resize, p.crop, p.interpolation)
-    engine = OnnxEngine(version_dir, manifest, EngineConfig(device="auto"))
+    array = reference_input(version_dir, data)
+    engine = OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="auto"))
     assert (engine.provider, engine.precision) == expected
     probs = softmax(engine.run(array[None])[0])
     got = response.json()["results"][0]["predictions"]
