@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from .threads import name_os_thread
+
 __all__ = [
     "BatchFailedError",
     "BatchStats",
@@ -223,7 +225,10 @@ class Batcher(Generic[T, R]):
         # One thread per instance, for its whole life: runtimes keep per-thread state (onnxruntime's CUDA
         # provider: cuDNN/cuBLAS handles and what they cache per shape), so the warm-up runs in the very
         # threads that will run the batches.
-        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{prefix}-{i}")
+        # The OS name (`top -H`, /proc) keeps 15 bytes: "batch resnet50/".
+        os_name = f"batch {self._name}" if self._name else "batch"
+        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{prefix}-{i}",
+                                              initializer=name_os_thread, initargs=(os_name,))
                            for i in range(self._instances)]
         if self._warmup is not None:
             try:

@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from modelrepo.layout import file_sha256
 from modelrepo.manifest import Manifest
+from .threads import name_os_thread, os_thread_name
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +151,17 @@ class OnnxEngine:
         providers: list = [CPU]
         if cuda:
             providers = [(CUDA, {**_cuda_options(config), **(cuda_extra or {})}), CPU]
+        # onnxruntime's own threads (its intra-op pool), started by this call, inherit this thread's OS name:
+        # "ort resnet50/1" in `top -H` and /proc, instead of "python" (service/threads.py).
+        previous = os_thread_name()
+        name_os_thread(f"ort {entry.parent.parent.name}/{entry.parent.name}")
         try:
             return ort.InferenceSession(str(entry), options, providers=providers)
         except Exception as exc:
             raise ModelLoadError(f"onnxruntime could not load {entry}: {exc}") from exc
+        finally:
+            if previous is not None:
+                name_os_thread(previous)
 
     def session_for(self, batch_size: int) -> ort.InferenceSession:
         """The session that runs batches of ``batch_size`` images."""
