@@ -114,12 +114,53 @@ def process_tree_cpu_s(pid: int) -> float:
     return total / tick
 
 
+# The server names its threads for the OS (service/threads.py); by that name, what each one does.
+THREAD_GROUPS = (("decode", "decode"), ("batch", "inference"), ("ort ", "inference"))
+
+
+def _thread_group(pid: int, tid: int, comm: str) -> str:
+    if tid == pid:  # each process's main thread runs its event loop (uvicorn: the HTTP side)
+        return "event_loop"
+    return next((group for prefix, group in THREAD_GROUPS if comm.startswith(prefix)), "other")
+
+
+def process_tree_threads_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of the live threads of ``pid`` and its descendants, by what they do: ``event_loop`` (main
+    threads), ``decode``, ``inference`` (the batch threads and onnxruntime's own pool) and ``other``.
+
+    A thread that ended is not counted: compare two samples of long-lived threads (a server's are)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    tree, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        if current in tree:
+            continue
+        tree.add(current)
+        todo.extend(child for child, parent in parents.items() if parent == current)
+    groups = {"event_loop": 0.0, "decode": 0.0, "inference": 0.0, "other": 0.0}
+    for proc in tree:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{proc}/task").iterdir():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    stat = (task / "stat").read_text()
+                    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+                    fields = stat.rsplit(")", 1)[1].split()
+                    groups[_thread_group(proc, int(task.name), comm)] += (int(fields[11]) + int(fields[12])) / tick
+    return groups
+
+
 class CpuMeter:
     """CPU cores used over an interval: the whole machine, one process with its descendants, and this process."""
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
         self.start = self._sample()
+        self.threads_start = process_tree_threads_cpu_s(pid) if pid else None
 
     def _sample(self) -> tuple[float, float, float, float]:
         tick = os.sysconf("SC_CLK_TCK")
@@ -137,8 +178,12 @@ class CpuMeter:
         t0, busy0, proc0, me0 = self.start
         wall = max(t1 - t0, 1e-9)
         machine, server, bench = (busy1 - busy0) / wall, (proc1 - proc0) / wall, (me1 - me0) / wall
-        return {"machine_cores": round(machine, 2), "server_cores": round(server, 2), "loadgen_cores": round(bench, 2),
-                "other_cores": round(max(0.0, machine - server - bench), 2), "wall_s": round(wall, 1)}
+        out = {"machine_cores": round(machine, 2), "server_cores": round(server, 2), "loadgen_cores": round(bench, 2),
+               "other_cores": round(max(0.0, machine - server - bench), 2), "wall_s": round(wall, 1)}
+        if self.threads_start is not None:
+            end = process_tree_threads_cpu_s(self.pid)
+            out["server_threads_cores"] = {k: round(max(0.0, end[k] - self.threads_start[k]) / wall, 3) for k in end}
+        return out
 
 
 def machine_busy_cores(seconds: float = 1.0) -> float:
@@ -313,6 +358,10 @@ def load_points(server: Server, model: str, args, images: list[bytes]) -> dict:
             if report["throughput_img_s"]:  # CPU cost per image: steadier than img/s on a shared machine
                 report["cpu"]["server_core_ms_per_img"] = round(
                     1000 * report["cpu"]["server_cores"] / report["throughput_img_s"], 2)
+                if "server_threads_cores" in report["cpu"]:  # where that CPU went
+                    report["cpu"]["server_threads_core_ms_per_img"] = {
+                        k: round(1000 * v / report["throughput_img_s"], 2)
+                        for k, v in report["cpu"]["server_threads_cores"].items()}
             print(loadgen.format_report(report), flush=True)
             print(f"  cpu cores: {report['cpu']}", flush=True)
             return report
@@ -410,6 +459,7 @@ def summarise(model: str, r: dict, low: int, high: int) -> dict:
         naive_p50_lo=_get(n_lo, "latency_ms", "p50"),
         errors={k: v for k, v in (("archserve", _get(a_hi, "errors")), ("naive", _get(n_hi, "errors"))) if v},
     )
+    row["cpu_ms_per_img"] = cpu_breakdown(r, a_hi, row.get("raw_best_img_s"))
     others = [_get(x, "cpu", "other_cores") for x in (r.get("engine"), a_lo, a_hi, n_lo, n_hi, r.get("engine_after"))]
     others = [o for o in others if o is not None]
     row["other_cores_max"] = max(others) if others else None
@@ -420,6 +470,25 @@ def summarise(model: str, r: dict, low: int, high: int) -> dict:
     if row.get("archserve_p50_lo") is not None and row.get("raw_b1_ms") is not None:
         row["p50_minus_raw_ms"] = row["archserve_p50_lo"] - row["raw_b1_ms"]
     return row
+
+
+def cpu_breakdown(r: dict, point: dict | None, raw_img_s: float | None) -> dict | None:
+    """Core-ms per image at a load point, by server thread group, beside the engine's alone.
+
+    ``engine_alone`` is the engine runs' CPU (cores, the mean of both runs) over the best img/s: what
+    onnxruntime spends per image with the machine to itself. ``inference`` is what it spent in the server,
+    so ``inference_vs_alone`` is what sharing the cores with decoding and HTTP cost it."""
+    per_img = _get(point, "cpu", "server_threads_core_ms_per_img")
+    if not per_img:
+        return None
+    out = {**per_img, "total": _get(point, "cpu", "server_core_ms_per_img")}
+    cores = [c for c in (_get(r, "engine", "cpu", "engine_cores"), _get(r, "engine_after", "cpu", "engine_cores"))
+             if c is not None]
+    if cores and raw_img_s:
+        out["engine_alone"] = round(1000 * sum(cores) / len(cores) / raw_img_s, 2)
+        if out.get("inference"):
+            out["inference_vs_alone"] = round(out["inference"] / out["engine_alone"] - 1, 3)
+    return out
 
 
 def targets(row: dict, high: int) -> list[dict]:
@@ -476,6 +545,16 @@ def markdown(rows: list[dict], checks: list[dict], low: int, high: int) -> str:
             _f(r.get("raw_drift"), "{:+.1%}"),
             _f(r.get("other_cores_max"), "{:.2f}"),
         ]) + " |")
+    if any(r.get("cpu_ms_per_img") for r in rows):
+        lines += ["", f"| model | engine alone: core-ms/img | archserve @{high}: inference | vs alone | decode "
+                  "| event loop | other | server total |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            c = r.get("cpu_ms_per_img") or {}
+            lines.append("| " + " | ".join([
+                r["model"], _f(c.get("engine_alone")), _f(c.get("inference")),
+                _f(c.get("inference_vs_alone"), "{:+.0%}"), _f(c.get("decode"), "{:.2f}"),
+                _f(c.get("event_loop"), "{:.2f}"), _f(c.get("other"), "{:.2f}"), _f(c.get("total")),
+            ]) + " |")
     lines += ["", "| model | target | measured | threshold | result |", "|---|---|---|---|---|"]
     for c in checks:
         result = "n/a" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")

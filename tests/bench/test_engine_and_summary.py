@@ -189,3 +189,27 @@ def test_engine_rounds_below_one_are_refused_before_anything_runs(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--engine-rounds must be at least 1" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_the_cpu_per_image_is_broken_down_by_thread_group_beside_the_engine_alone():
+    r = results(47.0, 24.0, 45.0, 23.5)
+    r["engine"]["cpu"]["engine_cores"] = 1.9
+    r["engine_after"] = engine_report({1: 50.0, 2: 52.0, 4: 50.0, 8: 48.0})
+    r["engine_after"]["cpu"]["engine_cores"] = 2.0
+    r["archserve"]["c16"]["cpu"].update(
+        server_core_ms_per_img=42.0,
+        server_threads_core_ms_per_img={"event_loop": 0.7, "decode": 2.3, "inference": 39.0, "other": 0.0},
+    )
+    row = bench_run.summarise("resnet50", r, 1, 16)
+    cpu = row["cpu_ms_per_img"]
+    assert cpu["engine_alone"] == pytest.approx(1000 * 1.95 / 52.0, abs=0.01)  # 37.5 core-ms per image
+    assert cpu["inference_vs_alone"] == pytest.approx(39.0 / cpu["engine_alone"] - 1, abs=0.001)
+    assert cpu["decode"] == 2.3 and cpu["total"] == 42.0
+    table = bench_run.markdown([row], bench_run.targets(row, 16), 1, 16)
+    assert "| resnet50 | 37.5 | 39.0 | +4% | 2.30 | 0.70 | 0.00 | 42.0 |" in table
+
+
+def test_without_thread_figures_there_is_no_breakdown():
+    row = bench_run.summarise("resnet50", results(47.0, 24.0, 45.0, 23.5), 1, 16)
+    assert row["cpu_ms_per_img"] is None
+    assert "engine alone: core-ms/img" not in bench_run.markdown([row], bench_run.targets(row, 16), 1, 16)
