@@ -9,6 +9,11 @@ At low load a request waits for nobody; under load batches fill by themselves
 With ``max_queue_delay_ms`` > 0, a free worker holding a partial batch waits
 until the oldest waiting item has been queued that long, or the batch is full.
 
+With ``run_alone``, a batch that holds one request's items only and finds no
+other batch running runs through it instead, and no batch starts until it
+ends: the server gives such a lone request all the CPU cores, and under load
+runs ``instances`` batches at once on a share of the cores each.
+
 Admission never waits: a full queue raises ``QueueFullError`` at once. A
 request may carry an absolute ``time.monotonic()`` deadline: if it passes
 while the request is queued, the request is removed and never run; if it
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import math
 import time
@@ -100,6 +106,7 @@ class _Entry:
     enqueued_at: float
     low: bool = False
     state: _State = _State.QUEUED
+    request: int = 0  # one number per submit / submit_many call
 
 
 def _check_count(name: str, value: object, minimum: int) -> int:
@@ -128,6 +135,14 @@ class Batcher(Generic[T, R]):
     ``shed_depth`` normal items wait (default ``max_batch_size``), and dropped
     from their queue when normal traffic reaches that depth (``on_shed`` counts
     both); they never take a normal item's place.
+
+    ``run_alone`` (optional) has ``run_batch``'s contract. A batch whose items
+    all come from one ``submit`` or ``submit_many`` call, dispatched while no
+    other batch runs, goes to ``run_alone``, and while it runs no other batch
+    is dispatched: it may use the whole machine
+    (onnxruntime on all the cores), where ``run_batch`` runs beside other
+    batches (on a share of the cores each). Low load gets the latency of the
+    whole machine; under load, batches of several items run side by side.
     """
 
     def __init__(
@@ -146,9 +161,12 @@ class Batcher(Generic[T, R]):
         shed_depth: int | None = None,
         on_shed: Callable[[int], None] | None = None,
         warmup: Callable[[], None] | None = None,
+        run_alone: Callable[[list[T]], Sequence[R]] | None = None,
     ) -> None:
         if not callable(run_batch):
             raise TypeError(f"run_batch must be callable, got {type(run_batch).__name__}")
+        if run_alone is not None and not callable(run_alone):
+            raise TypeError(f"run_alone must be callable or None, got {type(run_alone).__name__}")
         self._max_batch_size = _check_count("max_batch_size", max_batch_size, 1)
         self._max_queue_size = _check_count("max_queue_size", max_queue_size, 1)
         self._max_low_queue_size = _check_count(
@@ -170,6 +188,7 @@ class Batcher(Generic[T, R]):
                 raise TypeError(f"{label} must be callable or None, got {type(callback).__name__}")
 
         self._run_batch = run_batch
+        self._run_alone = run_alone
         self._warmup = warmup
         self._max_queue_delay_s = float(max_queue_delay_ms) / 1000.0
         self._name = name
@@ -183,6 +202,9 @@ class Batcher(Generic[T, R]):
         self._low: deque[_Entry] = deque()
         self._reported_depth = 0
         self._in_flight = 0
+        self._running = 0  # batches dispatched and not finished
+        self._requests = itertools.count(1)
+        self._alone_done: asyncio.Event | None = None  # cleared while a run_alone batch runs
         self._started = False
         self._closing = False
         self._abandoned_threads = False
@@ -221,6 +243,8 @@ class Batcher(Generic[T, R]):
         self._loop = asyncio.get_running_loop()
         self._available = asyncio.Event()
         self._collect_lock = asyncio.Lock()
+        self._alone_done = asyncio.Event()
+        self._alone_done.set()
         prefix = f"batcher-{self._name}" if self._name else "batcher"
         # One thread per instance, for its whole life: runtimes keep per-thread state (onnxruntime's CUDA
         # provider: cuDNN/cuBLAS handles and what they cache per shape), so the warm-up runs in the very
@@ -339,7 +363,8 @@ class Batcher(Generic[T, R]):
                     f"{len(items)} more requested); retry later"
                 )
         assert self._loop is not None and self._available is not None
-        entries = [_Entry(item, self._loop.create_future(), deadline, now) for item in items]
+        request = next(self._requests)
+        entries = [_Entry(item, self._loop.create_future(), deadline, now, request=request) for item in items]
         self._queue.extend(entries)
         if len(self._queue) >= self._shed_depth:
             self._shed_low("normal traffic is queueing")
@@ -355,7 +380,9 @@ class Batcher(Generic[T, R]):
                 f"low-priority items waiting)"
             )
         assert self._loop is not None and self._available is not None
-        entries = [_Entry(item, self._loop.create_future(), deadline, now, low=True) for item in items]
+        request = next(self._requests)
+        entries = [_Entry(item, self._loop.create_future(), deadline, now, low=True, request=request)
+                   for item in items]
         self._low.extend(entries)
         self._depth_changed()
         self._available.set()
@@ -472,6 +499,11 @@ class Batcher(Generic[T, R]):
                     await self._available.wait()
                 if self._max_queue_delay_s > 0:
                     await self._gather_more()
+                if self._alone_done is not None and not self._alone_done.is_set():
+                    # A batch that has the machine to itself is running: wait for it (the queue may grow
+                    # meanwhile), then look again.
+                    await self._alone_done.wait()
+                    continue
                 batch = self._take_batch()
                 if batch:
                     return batch
@@ -505,13 +537,19 @@ class Batcher(Generic[T, R]):
                     self._fail(entry, BatchFailedError(f"{self._label}: internal error while running the batch"))
 
     async def _dispatch(self, batch: list[_Entry], executor: ThreadPoolExecutor) -> None:
-        assert self._loop is not None
+        assert self._loop is not None and self._alone_done is not None
         dispatched_at = time.monotonic()
         waits = [dispatched_at - e.enqueued_at for e in batch]
+        # Decided and recorded with no await in between: no other worker can start a batch meanwhile.
+        alone = self._run_alone is not None and self._running == 0 and len({e.request for e in batch}) == 1
+        run = self._run_alone if alone else self._run_batch
+        if alone:
+            self._alone_done.clear()
+        self._running += 1
         self._in_flight += len(batch)
         try:
             outputs, error, run_s = await self._loop.run_in_executor(
-                executor, self._timed_run, [e.item for e in batch]
+                executor, self._timed_run, run, [e.item for e in batch]
             )
         except asyncio.CancelledError:
             for entry in batch:
@@ -521,6 +559,9 @@ class Batcher(Generic[T, R]):
             outputs, error, run_s = None, exc, time.monotonic() - dispatched_at
         finally:
             self._in_flight -= len(batch)
+            self._running -= 1
+            if alone:
+                self._alone_done.set()
         if error is None:
             error = self._check_outputs(outputs, len(batch))
         if error is None:
@@ -535,10 +576,11 @@ class Batcher(Generic[T, R]):
                 self._fail(entry, failure)
         self._notify(self._on_batch, BatchStats(len(batch), waits, run_s, error is None), "on_batch")
 
-    def _timed_run(self, items: list[Any]) -> tuple[Any, Exception | None, float]:
+    @staticmethod
+    def _timed_run(run: Callable[[list[Any]], Sequence[Any]], items: list[Any]) -> tuple[Any, Exception | None, float]:
         started = time.monotonic()
         try:
-            outputs = self._run_batch(items)
+            outputs = run(items)
         except Exception as exc:
             return None, exc, time.monotonic() - started
         return outputs, None, time.monotonic() - started

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +105,13 @@ class OnnxEngine:
         self._entry = version_dir / manifest.files[precision].path
         self._config = config
         self._by_size: dict[int, ort.InferenceSession] = {}
+        self._beside: ort.InferenceSession | None = None  # for batches that run beside others (lanes)
+        self.lane_threads: int | None = None
 
     @property
     def sessions(self) -> int:
-        """How many onnxruntime sessions this engine holds."""
-        return max(1, len(self._by_size))
+        """How many onnxruntime sessions this engine holds (each a copy of the weights)."""
+        return max(1, len(self._by_size)) + (self._beside is not None)
 
     def specialise(self, batch_sizes: list[int]) -> None:
         """Give each of ``batch_sizes`` a session of its own; batches of other sizes use the shared one.
@@ -163,17 +165,35 @@ class OnnxEngine:
             if previous is not None:
                 name_os_thread(previous)
 
+    def split(self, threads: int) -> None:
+        """Open a second session of ``threads`` intra-op threads for the batches that run beside others (the
+        batcher's lanes); ``run_alone`` keeps the first, on every core. CPU only; one more copy of the weights."""
+        if self.provider != CPU or self._by_size:
+            raise ValueError("lanes are for one CPU session; this engine runs on "
+                             f"{self.provider} with {self.sessions} session(s)")
+        config = replace(self._config, intra_op_threads=threads)
+        self._beside = self.open_session(self._entry, False, config)
+        self.lane_threads = threads
+
     def session_for(self, batch_size: int) -> ort.InferenceSession:
         """The session that runs batches of ``batch_size`` images."""
         return self._by_size.get(batch_size, self.session)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a batch: on its lane's session after ``split``, else on the session for its size."""
+        session = self._beside or self.session_for(len(batch))
+        return session.run([self.output_name], {self.input_name: batch})[0]
+
+    def run_alone(self, batch: np.ndarray) -> np.ndarray:
+        """Run a batch on the session for its size (after ``split``: the one on every core)."""
         return self.session_for(len(batch)).run([self.output_name], {self.input_name: batch})[0]
 
     def warmup(self, batch_sizes: list[int]) -> None:
         _, height, width, channels = self.manifest.input.shape
         for size in batch_sizes:
             self.run(np.zeros((size, height, width, channels), dtype=np.uint8))
+        if self._beside is not None:  # and the session a lone request runs on
+            self.run_alone(np.zeros((1, height, width, channels), dtype=np.uint8))
 
 
 def verify_files(version_dir: Path, manifest: Manifest) -> None:

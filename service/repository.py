@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from modelrepo.layout import list_model_names, list_versions
 from modelrepo.manifest import Manifest, load_manifest
 
 from .batching import BatchStats, Batcher
-from .engine import CUDA, EngineConfig, ModelLoadError, OnnxEngine, verify_files
+from .engine import CPU, CUDA, EngineConfig, ModelLoadError, OnnxEngine, verify_files
 from .errors import NotFoundError
 from .metrics import Metrics, multiprocess_dir
 from .preprocess import PreprocessSpec
@@ -81,6 +82,8 @@ class ServedModel:
                 "instances": self.instances,
                 "padded_sizes": self.padded_sizes,
                 "sessions": self.engine.sessions,
+                "cpu_lanes": self.instances if self.engine.lane_threads else 1,
+                "lane_threads": self.engine.lane_threads,
             },
             "params": m.complexity.params,
             "gflops": m.complexity.gflops,
@@ -165,6 +168,13 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
     instances = settings.instances or 1  # two: unmeasured since per-size sessions (docs/benchmarks.md)
     batch_sizes = warmup_batch_sizes(settings.max_batch_size)
     padded_sizes = batch_sizes if _wanted(settings.pad_batches, engine.provider) else None
+    lanes = cpu_lanes(settings, engine.provider, padded_sizes)
+    if lanes > 1:
+        if settings.instances and settings.instances != lanes:
+            log.warning("%s v%s: cpu_lanes=%d runs %d batches at once; instances=%d is not used",
+                        name, version, lanes, lanes, settings.instances)
+        engine.split(max(1, cpu_cores(settings) // lanes))
+        instances = lanes
     if padded_sizes and _wanted(settings.session_per_batch_size, engine.provider):
         engine.specialise(padded_sizes)
     elif settings.session_per_batch_size == "always" and not padded_sizes:
@@ -174,6 +184,7 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
     observe = _batch_observer(metrics, name, str(version))
     batcher = Batcher(
         _stacked(engine, padded_sizes),
+        run_alone=_stacked(engine, padded_sizes, alone=True) if lanes > 1 else None,
         max_batch_size=settings.max_batch_size,
         max_queue_size=settings.max_queue_size,
         instances=instances,
@@ -197,6 +208,33 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
     )
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_cores(settings: Settings) -> int:
+    """The cores a model's inference may use on the CPU: ``intra_op_threads`` if set (in a container, the CPU
+    quota is not what the process sees), else the cores this process may run on."""
+    return settings.intra_op_threads or available_cores()
+
+
+def cpu_lanes(settings: Settings, provider: str, padded_sizes: list[int] | None) -> int:
+    """How many batches of a model run at once on the CPU provider, each on ``cpu_cores // lanes`` threads (1:
+    one at a time, on all of them). Explicit ``cpu_lanes`` wins; auto (0) is 2 where there are at least 2 cores
+    unless ``instances`` is set. Never with padded batches (their sessions are per size)."""
+    if provider != CPU or padded_sizes:
+        return 1
+    if settings.cpu_lanes:
+        return settings.cpu_lanes
+    if settings.instances:
+        return 1
+    return 2 if cpu_cores(settings) >= 2 else 1
+
+
 def _wanted(setting: str, provider: str) -> bool:
     """An auto/always/never setting for an engine on ``provider``: auto means on CUDA only."""
     return setting == "always" or (setting == "auto" and provider == CUDA)
@@ -210,18 +248,22 @@ def padded_size(count: int, sizes: list[int] | None) -> int:
     return next((size for size in sizes if size >= count), count)
 
 
-def _stacked(engine: OnnxEngine, sizes: list[int] | None = None):
-    """The batcher's ``run_batch``: stack the items, padded with zeros to one of ``sizes`` if given."""
+def _stacked(engine: OnnxEngine, sizes: list[int] | None = None, alone: bool = False):
+    """The batcher's ``run_batch``: stack the items, padded with zeros to one of ``sizes`` if given, and run them
+    (``engine.run_alone`` with ``alone``, the batcher's ``run_alone``)."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return engine.run_alone(batch) if alone else engine.run(batch)
 
     def run_batch(items: list[np.ndarray]) -> list[np.ndarray]:
         count = len(items)
         size = padded_size(count, sizes)
         if size == count:
-            return list(engine.run(np.stack(items)))
+            return list(run(np.stack(items)))
         batch = np.empty((size, *items[0].shape), dtype=items[0].dtype)
         np.stack(items, out=batch[:count])
         batch[count:] = 0  # blank padding; the items are copied once, not over zeros
-        return list(engine.run(batch)[:count])
+        return list(run(batch)[:count])
 
     return run_batch
 

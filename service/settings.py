@@ -46,6 +46,15 @@ class Settings(BaseSettings):
         "that was traced to batch-size changes on one CUDA session (fixed by session_per_batch_size), but two "
         "instances have not been measured since (docs/benchmarks.md), so raise it only after measuring.",
     )
+    cpu_lanes: int = Field(
+        0, ge=0,
+        description="On the CPU provider: how many batches run at once under load, each on cores/lanes onnxruntime "
+        "threads (cores = intra_op_threads if set), while a request that finds the model idle runs alone on every "
+        "core. onnxruntime splits each "
+        "operator across its threads and waits for the slowest, so one session on all cores loses about as much "
+        "CPU as decoding takes from it; batches side by side do not (README, Performance). 0 = auto: 2 where "
+        "there are at least 2 cores and instances is not set, else 1; 1 = off.",
+    )
     pad_batches: Literal["auto", "always", "never"] = Field(
         "auto",
         description="Pad each batch with blank images up to the next warmed-up size (1, 2, 4, ... max_batch_size), "

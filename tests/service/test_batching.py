@@ -603,3 +603,68 @@ async def test_closing_during_warmup_never_starts_and_a_second_start_is_refused(
     with pytest.raises(BatcherClosedError):
         await batcher.submit(1)
     assert engine.batches == []
+
+
+# run_alone: a lone request gets the whole machine; under load, batches run side by side.
+
+
+async def test_a_lone_item_runs_alone_and_batches_of_several_run_beside_each_other():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone) as batcher:
+        assert await batcher.submit(3) == 6
+        assert await batcher.submit(4) == 8
+        assert alone.batches == [[3], [4]] and lanes.batches == []
+        assert alone.off_loop
+        # Two requests at once: one batch of two, in a lane.
+        held = spawn(batcher, [5, HOLD])
+        await eventually(lanes.entered.is_set)
+        assert lanes.batches == [[5, HOLD]]
+        # One batch is running: a single item now runs beside it, on the other instance.
+        assert await asyncio.wait_for(batcher.submit(7), 5) == 14
+        assert [7] in lanes.batches and [7] not in alone.batches
+        lanes.gate.set()
+        assert await asyncio.gather(*held) == [10, HOLD * 2]
+
+
+async def test_nothing_starts_while_a_batch_runs_alone():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone) as batcher:
+        held = asyncio.create_task(batcher.submit(HOLD))
+        await eventually(alone.entered.is_set)
+        tasks = spawn(batcher, [1, 2, 3])
+        await eventually(lambda: batcher.queue_depth == 3)
+        await asyncio.sleep(0.05)
+        assert lanes.batches == [] and batcher.queue_depth == 3, "a batch started beside the one running alone"
+        alone.gate.set()
+        assert await asyncio.gather(*tasks) == [2, 4, 6]
+        assert await held == HOLD * 2
+    assert lanes.batches == [[1, 2, 3]], "what waited goes as one batch, beside nothing"
+
+
+async def test_a_failing_lone_run_answers_its_request_and_the_next_one_runs():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone) as batcher:
+        with pytest.raises(BatchFailedError):
+            await batcher.submit(FAIL)
+        assert await asyncio.wait_for(batcher.submit(6), 5) == 12
+    assert alone.batches == [[FAIL], [6]]
+
+
+async def test_run_alone_must_be_callable():
+    with pytest.raises(TypeError, match="run_alone"):
+        Batcher(FakeEngine(), max_batch_size=2, max_queue_size=2, run_alone=42)
+
+
+async def test_one_requests_several_items_run_alone_but_several_requests_do_not():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, max_batch_size=4, run_alone=alone) as batcher:
+        assert await batcher.submit_many([1, 2, 3]) == [2, 4, 6]  # one request, the model idle
+        assert alone.batches == [[1, 2, 3]] and lanes.batches == []
+        held = asyncio.create_task(batcher.submit(HOLD))  # alone; meanwhile two requests queue up
+        await eventually(alone.entered.is_set)
+        tasks = [asyncio.create_task(batcher.submit_many([4, 5])), asyncio.create_task(batcher.submit(6))]
+        await eventually(lambda: batcher.queue_depth == 3)
+        alone.gate.set()
+        assert await asyncio.gather(*tasks) == [[8, 10], 12]
+        assert await held == HOLD * 2
+    assert lanes.batches == [[4, 5, 6]], "a batch of two requests runs in a lane"

@@ -132,7 +132,7 @@ def test_warmup_runs_every_batch_size_in_the_batch_thread_when_the_batcher_start
     import asyncio
     import threading
 
-    settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, device="cpu")
+    settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, device="cpu", cpu_lanes=1)
     served = load_model("resnet18", 1, settings, Metrics(CollectorRegistry()))
     calls = []
     real_run = served.engine.run
@@ -190,7 +190,7 @@ def test_a_specialised_engine_runs_each_batch_size_on_its_own_session(version_di
 
 def test_served_models_open_a_session_per_padded_size_when_asked(version_dir):
     base = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, pad_batches="always", warmup=False,
-                    device="cpu")
+                    device="cpu", cpu_lanes=1)  # sessions per size only, not the lanes' session
     always = load_model("resnet18", 1, base.model_copy(update={"session_per_batch_size": "always"}),
                         Metrics(CollectorRegistry()))
     assert always.engine.sessions == 3
@@ -210,7 +210,7 @@ def test_served_models_open_a_session_per_padded_size_when_asked(version_dir):
 
 def test_always_without_padding_says_it_has_no_sizes_to_specialise_for(version_dir, caplog):
     settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, pad_batches="never", warmup=False,
-                        device="cpu", session_per_batch_size="always")
+                        device="cpu", session_per_batch_size="always", cpu_lanes=1)
     with caplog.at_level("WARNING", logger="service.repository"):
         served = load_model("resnet18", 1, settings, Metrics(CollectorRegistry()))
     assert served.engine.sessions == 1
@@ -228,3 +228,65 @@ def test_a_per_size_session_that_fails_to_open_names_its_size_and_the_way_out(ve
         engine.specialise([1, 2, 4])
     assert "ARCHSERVE_SESSION_PER_BATCH_SIZE=never" in str(caught.value)
     assert "Failed to allocate memory" in str(caught.value)
+
+
+def test_on_the_cpu_a_lone_request_runs_on_every_core_and_batches_run_side_by_side(version_dir):
+    import asyncio
+
+    from service.repository import available_cores
+
+    settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, device="cpu", cpu_lanes=2)
+    served = load_model("resnet18", 1, settings, Metrics(CollectorRegistry()))
+    assert served.instances == 2 and served.engine.lane_threads == max(1, available_cores() // 2)
+    batching = served.describe(settings)["batching"]
+    assert batching["cpu_lanes"] == 2 and batching["lane_threads"] == served.engine.lane_threads
+    ran = []
+    real_run, real_alone = served.engine.run, served.engine.run_alone
+    served.engine.run = lambda batch: (ran.append(("lane", len(batch))), real_run(batch))[1]
+    served.engine.run_alone = lambda batch: (ran.append(("alone", len(batch))), real_alone(batch))[1]
+
+    async def classify():
+        await served.batcher.start()
+        ran.clear()  # the warm-up
+        try:
+            one = await served.batcher.submit(np.zeros((224, 224, 3), np.uint8))
+            # Three requests at once: one batch, in a lane.
+            three = await asyncio.gather(*(served.batcher.submit(np.zeros((224, 224, 3), np.uint8))
+                                           for _ in range(3)))
+            return one, three
+        finally:
+            await served.batcher.close()
+
+    one, three = asyncio.run(classify())
+    assert ran == [("alone", 1), ("lane", 3)]
+    # Both sessions compute the same model.
+    np.testing.assert_allclose(one, three[0], rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_lanes_default_to_two_on_a_multi_core_cpu_unless_instances_are_set(version_dir):
+    from service.repository import available_cores, cpu_lanes
+
+    base = Settings(models_dir=version_dir.parent.parent)
+    auto = 2 if available_cores() >= 2 else 1
+    assert cpu_lanes(base, CPU, None) == auto
+    assert cpu_lanes(base.model_copy(update={"instances": 1}), CPU, None) == 1
+    assert cpu_lanes(base.model_copy(update={"intra_op_threads": 4}), CPU, None) == 2  # 4 cores: 2 x 2 threads
+    assert cpu_lanes(base.model_copy(update={"intra_op_threads": 1}), CPU, None) == 1
+    assert cpu_lanes(base.model_copy(update={"cpu_lanes": 1}), CPU, None) == 1
+    assert cpu_lanes(base.model_copy(update={"cpu_lanes": 3, "instances": 1}), CPU, None) == 3  # explicit wins
+    assert cpu_lanes(base.model_copy(update={"cpu_lanes": 2}), "CUDAExecutionProvider", None) == 1
+    assert cpu_lanes(base.model_copy(update={"cpu_lanes": 2}), CPU, [1, 2, 4]) == 1  # padded: one session per size
+    quota = load_model("resnet18", 1, base.model_copy(update={"device": "cpu", "intra_op_threads": 4,
+                                                              "warmup": False}), Metrics(CollectorRegistry()))
+    assert quota.instances == 2 and quota.engine.lane_threads == 2  # intra_op_threads is the core budget
+    off = load_model("resnet18", 1, base.model_copy(update={"device": "cpu", "cpu_lanes": 1, "warmup": False}),
+                     Metrics(CollectorRegistry()))
+    assert off.instances == 1 and off.engine.lane_threads is None
+    assert off.describe(base)["batching"]["cpu_lanes"] == 1
+
+
+def test_an_engine_with_a_session_per_size_is_not_split(version_dir):
+    engine = OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="cpu"))
+    engine.specialise([1, 2])
+    with pytest.raises(ValueError, match="lanes are for one CPU session"):
+        engine.split(1)
