@@ -10,8 +10,8 @@ With ``max_queue_delay_ms`` > 0, a free worker holding a partial batch waits
 until the oldest waiting item has been queued that long, or the batch is full.
 
 With ``run_alone``, a batch that holds one request's items only and finds no
-other batch running runs through it instead, and no batch starts until it
-ends: the server gives such a lone request all the CPU cores, and under load
+other batch running and nothing else queued runs through it instead, and no
+batch starts until it ends: the server gives such a lone request all the CPU cores, and under load
 runs ``instances`` batches at once on a share of the cores each.
 
 Admission never waits: a full queue raises ``QueueFullError`` at once. A
@@ -138,7 +138,7 @@ class Batcher(Generic[T, R]):
 
     ``run_alone`` (optional) has ``run_batch``'s contract. A batch whose items
     all come from one ``submit`` or ``submit_many`` call, dispatched while no
-    other batch runs, goes to ``run_alone``, and while it runs no other batch
+    other batch runs and nothing else waits, goes to ``run_alone``, and while it runs no other batch
     is dispatched: it may use the whole machine
     (onnxruntime on all the cores), where ``run_batch`` runs beside other
     batches (on a share of the cores each). Low load gets the latency of the
@@ -230,7 +230,7 @@ class Batcher(Generic[T, R]):
 
     @property
     def in_flight(self) -> int:
-        """Items dispatched to ``run_batch`` whose batch has not finished."""
+        """Items dispatched to ``run_batch`` (or ``run_alone``) whose batch has not finished."""
         return self._in_flight
 
     async def start(self) -> None:
@@ -541,7 +541,8 @@ class Batcher(Generic[T, R]):
         dispatched_at = time.monotonic()
         waits = [dispatched_at - e.enqueued_at for e in batch]
         # Decided and recorded with no await in between: no other worker can start a batch meanwhile.
-        alone = self._run_alone is not None and self._running == 0 and len({e.request for e in batch}) == 1
+        alone = (self._run_alone is not None and self._running == 0 and not self._queue and not self._low
+                 and len({e.request for e in batch}) == 1)
         run = self._run_alone if alone else self._run_batch
         if alone:
             self._alone_done.clear()

@@ -105,13 +105,18 @@ class OnnxEngine:
         self._entry = version_dir / manifest.files[precision].path
         self._config = config
         self._by_size: dict[int, ort.InferenceSession] = {}
-        self._beside: ort.InferenceSession | None = None  # for batches that run beside others (lanes)
+        # Lanes (split): one session per lane, each bound to the first thread that runs on it.
+        self._lanes: list[ort.InferenceSession] = []
+        self._lane_of = threading.local()
+        self._lane_lock = threading.Lock()
+        self._lanes_bound = 0
+        self._alone_warm = False
         self.lane_threads: int | None = None
 
     @property
     def sessions(self) -> int:
         """How many onnxruntime sessions this engine holds (each a copy of the weights)."""
-        return max(1, len(self._by_size)) + (self._beside is not None)
+        return max(1, len(self._by_size)) + len(self._lanes)
 
     def specialise(self, batch_sizes: list[int]) -> None:
         """Give each of ``batch_sizes`` a session of its own; batches of other sizes use the shared one.
@@ -156,7 +161,8 @@ class OnnxEngine:
         # onnxruntime's own threads (its intra-op pool), started by this call, inherit this thread's OS name:
         # "ort resnet50/1" in `top -H` and /proc, instead of "python" (service/threads.py).
         previous = os_thread_name()
-        name_os_thread(f"ort {entry.parent.parent.name}/{entry.parent.name}")
+        if previous is not None:  # renamed only where it can be named back
+            name_os_thread(f"ort {entry.parent.parent.name}/{entry.parent.name}")
         try:
             return ort.InferenceSession(str(entry), options, providers=providers)
         except Exception as exc:
@@ -165,15 +171,26 @@ class OnnxEngine:
             if previous is not None:
                 name_os_thread(previous)
 
-    def split(self, threads: int) -> None:
-        """Open a second session of ``threads`` intra-op threads for the batches that run beside others (the
-        batcher's lanes); ``run_alone`` keeps the first, on every core. CPU only; one more copy of the weights."""
-        if self.provider != CPU or self._by_size:
+    def split(self, lanes: int, threads: int) -> None:
+        """Open one session of ``threads`` intra-op threads per lane, for the batches that run beside others;
+        ``run_alone`` keeps the first session, on every core. Each thread that calls ``run`` gets a lane's
+        session of its own (the batcher has one thread per lane): concurrent runs of one session would share
+        its thread pool. CPU only; one more copy of the weights per lane."""
+        if self.provider != CPU or self._by_size or self._lanes:
             raise ValueError("lanes are for one CPU session; this engine runs on "
                              f"{self.provider} with {self.sessions} session(s)")
         config = replace(self._config, intra_op_threads=threads)
-        self._beside = self.open_session(self._entry, False, config)
+        self._lanes = [self.open_session(self._entry, False, config) for _ in range(lanes)]
         self.lane_threads = threads
+
+    def _lane_session(self) -> ort.InferenceSession:
+        session = getattr(self._lane_of, "session", None)
+        if session is None:
+            with self._lane_lock:  # the first run in a thread binds it to the next lane, round robin
+                session = self._lanes[self._lanes_bound % len(self._lanes)]
+                self._lanes_bound += 1
+            self._lane_of.session = session
+        return session
 
     def session_for(self, batch_size: int) -> ort.InferenceSession:
         """The session that runs batches of ``batch_size`` images."""
@@ -181,7 +198,7 @@ class OnnxEngine:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run a batch: on its lane's session after ``split``, else on the session for its size."""
-        session = self._beside or self.session_for(len(batch))
+        session = self._lane_session() if self._lanes else self.session_for(len(batch))
         return session.run([self.output_name], {self.input_name: batch})[0]
 
     def run_alone(self, batch: np.ndarray) -> np.ndarray:
@@ -192,8 +209,13 @@ class OnnxEngine:
         _, height, width, channels = self.manifest.input.shape
         for size in batch_sizes:
             self.run(np.zeros((size, height, width, channels), dtype=np.uint8))
-        if self._beside is not None:  # and the session a lone request runs on
-            self.run_alone(np.zeros((1, height, width, channels), dtype=np.uint8))
+        if self._lanes:  # and, once, the session a lone request runs on (a CPU session keeps nothing per thread)
+            with self._lane_lock:
+                if self._alone_warm:
+                    return
+                self._alone_warm = True
+            for size in batch_sizes:
+                self.run_alone(np.zeros((size, height, width, channels), dtype=np.uint8))
 
 
 def verify_files(version_dir: Path, manifest: Manifest) -> None:

@@ -169,11 +169,18 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
     batch_sizes = warmup_batch_sizes(settings.max_batch_size)
     padded_sizes = batch_sizes if _wanted(settings.pad_batches, engine.provider) else None
     lanes = cpu_lanes(settings, engine.provider, padded_sizes)
+    if settings.cpu_lanes > 1 and lanes == 1:
+        log.warning("%s v%s: cpu_lanes=%d is for one CPU session; on %s%s, batches run one at a time",
+                    name, version, settings.cpu_lanes, engine.provider, " with padded batches" if padded_sizes else "")
     if lanes > 1:
         if settings.instances and settings.instances != lanes:
             log.warning("%s v%s: cpu_lanes=%d runs %d batches at once; instances=%d is not used",
                         name, version, lanes, lanes, settings.instances)
-        engine.split(max(1, cpu_cores(settings) // lanes))
+        cores = cpu_cores(settings)
+        if lanes > cores:
+            log.warning("%s v%s: cpu_lanes=%d is more than the %d cores: the lanes share cores",
+                        name, version, lanes, cores)
+        engine.split(lanes, max(1, cores // lanes))
         instances = lanes
     if padded_sizes and _wanted(settings.session_per_batch_size, engine.provider):
         engine.specialise(padded_sizes)
@@ -224,13 +231,14 @@ def cpu_cores(settings: Settings) -> int:
 
 def cpu_lanes(settings: Settings, provider: str, padded_sizes: list[int] | None) -> int:
     """How many batches of a model run at once on the CPU provider, each on ``cpu_cores // lanes`` threads (1:
-    one at a time, on all of them). Explicit ``cpu_lanes`` wins; auto (0) is 2 where there are at least 2 cores
-    unless ``instances`` is set. Never with padded batches (their sessions are per size)."""
+    one at a time, on all of them). Explicit ``cpu_lanes`` wins; auto (0) is 2 where there are at least 2 cores,
+    unless ``instances`` is set or there are several worker processes (each would count all the cores as its
+    own; measured with one). Never with padded batches (their sessions are per size)."""
     if provider != CPU or padded_sizes:
         return 1
     if settings.cpu_lanes:
         return settings.cpu_lanes
-    if settings.instances:
+    if settings.instances or settings.workers > 1:
         return 1
     return 2 if cpu_cores(settings) >= 2 else 1
 

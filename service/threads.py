@@ -16,6 +16,7 @@ import sys
 import threading
 
 _PR_SET_NAME = 15  # <linux/prctl.h>
+_PR_GET_NAME = 16
 _NAME_BYTES = 15
 
 __all__ = ["name_os_thread", "os_thread_name"]
@@ -50,8 +51,12 @@ def name_os_thread(name: str | None = None) -> bool:
 
 def os_thread_name() -> str | None:
     """The calling thread's OS name (Linux), or None where it cannot be read."""
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm", encoding="utf-8", errors="replace") as f:
-            return f.read().rstrip("\n")
-    except OSError:
+    if _PRCTL is None:
         return None
+    buffer = ctypes.create_string_buffer(_NAME_BYTES + 1)
+    try:
+        if _PRCTL(_PR_GET_NAME, buffer, 0, 0, 0) != 0:
+            return None
+    except (OSError, ctypes.ArgumentError):
+        return None
+    return buffer.value.decode("utf-8", "replace")

@@ -48,10 +48,11 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
     assert serve["w1"]["v2-b4-c2"]["images_per_request"] == 4
     from service.repository import available_cores
 
-    lanes = 2 if available_cores() >= 2 else 1  # on the CPU: one batch per lane under load
-    assert serve["w2"]["batching"]["instances"] == serve["w2"]["batching"]["cpu_lanes"] == lanes
+    lanes = 2 if available_cores() >= 2 else 1  # on the CPU, one worker: one batch per lane under load
+    assert serve["w1"]["batching"]["instances"] == serve["w1"]["batching"]["cpu_lanes"] == lanes
+    assert serve["w2"]["batching"]["instances"] == serve["w2"]["batching"]["cpu_lanes"] == 1  # 2 workers: no lanes
     assert serve["w2"]["workers_loaded"] == 2  # both workers' model info was in one scrape before measuring
-    assert serve["w1"]["batching"]["sessions"] == (2 if lanes > 1 else 1)  # the lanes' session besides
+    assert serve["w1"]["batching"]["sessions"] == (1 + lanes if lanes > 1 else 1)  # and one per lane
     compared = serve["per-size"]  # a --compare-env server: its settings reached it, and it served the w1 points
     assert compared["env"]["ARCHSERVE_SESSION_PER_BATCH_SIZE"] == "always"
     assert compared["batching"]["sessions"] == len(compared["batching"]["padded_sizes"]) > 1

@@ -668,3 +668,16 @@ async def test_one_requests_several_items_run_alone_but_several_requests_do_not(
         assert await asyncio.gather(*tasks) == [[8, 10], 12]
         assert await held == HOLD * 2
     assert lanes.batches == [[4, 5, 6]], "a batch of two requests runs in a lane"
+
+
+async def test_a_batch_runs_alone_only_when_nothing_else_waits():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, max_batch_size=2, run_alone=alone) as batcher:
+        # One request larger than a batch: its first batch leaves the rest queued, so it runs in a lane, and the
+        # rest runs in the other lane.
+        assert await batcher.submit_many([1, 2, 3]) == [2, 4, 6]
+        # One request's batch with another request queued behind it: in a lane too.
+        results = await asyncio.gather(batcher.submit_many([4, 5]), batcher.submit(6))
+        assert results == [[8, 10], 12]
+    assert alone.batches == []
+    assert sorted(map(sorted, lanes.batches)) == [[1, 2], [3], [4, 5], [6]]

@@ -238,6 +238,7 @@ def test_on_the_cpu_a_lone_request_runs_on_every_core_and_batches_run_side_by_si
     settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, device="cpu", cpu_lanes=2)
     served = load_model("resnet18", 1, settings, Metrics(CollectorRegistry()))
     assert served.instances == 2 and served.engine.lane_threads == max(1, available_cores() // 2)
+    assert served.engine.sessions == 3  # the one on every core, and one per lane
     batching = served.describe(settings)["batching"]
     assert batching["cpu_lanes"] == 2 and batching["lane_threads"] == served.engine.lane_threads
     ran = []
@@ -273,6 +274,7 @@ def test_cpu_lanes_default_to_two_on_a_multi_core_cpu_unless_instances_are_set(v
     assert cpu_lanes(base.model_copy(update={"intra_op_threads": 4}), CPU, None) == 2  # 4 cores: 2 x 2 threads
     assert cpu_lanes(base.model_copy(update={"intra_op_threads": 1}), CPU, None) == 1
     assert cpu_lanes(base.model_copy(update={"cpu_lanes": 1}), CPU, None) == 1
+    assert cpu_lanes(base.model_copy(update={"workers": 2}), CPU, None) == 1  # each would count every core
     assert cpu_lanes(base.model_copy(update={"cpu_lanes": 3, "instances": 1}), CPU, None) == 3  # explicit wins
     assert cpu_lanes(base.model_copy(update={"cpu_lanes": 2}), "CUDAExecutionProvider", None) == 1
     assert cpu_lanes(base.model_copy(update={"cpu_lanes": 2}), CPU, [1, 2, 4]) == 1  # padded: one session per size
@@ -289,4 +291,26 @@ def test_an_engine_with_a_session_per_size_is_not_split(version_dir):
     engine = OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="cpu"))
     engine.specialise([1, 2])
     with pytest.raises(ValueError, match="lanes are for one CPU session"):
-        engine.split(1)
+        engine.split(2, 1)
+
+
+def test_each_lane_thread_runs_a_session_of_its_own(version_dir):
+    import threading
+
+    engine = OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="cpu"))
+    engine.split(2, 1)
+    assert engine.sessions == 3 and engine.lane_threads == 1
+    # Concurrent runs of one session would share its intra-op pool: each lane thread gets its own session.
+    seen = []
+
+    def lane():
+        seen.append((engine._lane_session(), engine._lane_session()))
+
+    threads = [threading.Thread(target=lane) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (a1, a2), (b1, b2) = seen
+    assert a1 is a2 and b1 is b2, "a thread keeps its lane"
+    assert a1 is not b1 and {a1, b1} == set(engine._lanes) and engine.session not in (a1, b1)
