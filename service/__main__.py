@@ -61,6 +61,8 @@ def _supervisor_class():
             self.served = False  # every worker of the first start has been ready
             self._retry: dict[int, tuple[float, object]] = {}  # slot -> (when to start it again, its failed process)
             self._failures: dict[int, int] = {}  # slot -> failed starts in a row
+            self._ready: set = set()  # worker processes seen ready
+            self._first_seen: dict = {}  # worker process -> when this loop first saw it
             self._stops: queue.SimpleQueue = queue.SimpleQueue()
             threading.Thread(target=self._stopper, daemon=True).start()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -82,6 +84,9 @@ def _supervisor_class():
             if not self.served:
                 self.served = all(process.is_ready(timeout=1) for process in self.processes)
             now = time.monotonic()
+            live = set(self.processes)  # forget processes replaced since (a restart, a dead worker)
+            self._ready &= live
+            self._first_seen = {p: t for p, t in self._first_seen.items() if p in live}
             for idx, process in enumerate(self.processes):
                 if idx in self._retry:
                     when, failed = self._retry[idx]
@@ -91,7 +96,7 @@ def _supervisor_class():
                     if failed is process:
                         self._start(idx)
                     continue  # else a rolling restart filled the slot meanwhile
-                if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                if self._alive(process, now):
                     if idx in self._failures and process.is_ready(timeout=1):
                         del self._failures[idx]
                     continue
@@ -112,6 +117,22 @@ def _supervisor_class():
                     continue
                 log.info("Child process [%s] died", process.pid)
                 self._start(idx)
+
+        def _alive(self, process, now: float) -> bool:
+            """Whether a worker lives. uvicorn pings it and waits up to ``timeout_worker_healthcheck`` for the
+            answer, which here is the start timeout (minutes: rolling restarts wait that long for a worker to
+            load). A worker that died while a ping was in flight then held this loop for all that time (its
+            pipe never reads EOF: this process holds both ends). So: a worker seen ready gets uvicorn's usual
+            5 s health check; one still loading is alive while its process is, up to the start timeout."""
+            if not process.process.is_alive():  # exited (reaped here): no ping to wait on
+                return False
+            if process in self._ready:
+                return process.ping(timeout=5.0)
+            if process.is_ready(timeout=0.5):
+                self._ready.add(process)
+                return True
+            started = self._first_seen.setdefault(process, now)
+            return now - started < self.config.timeout_worker_healthcheck
 
         def _start(self, idx: int) -> None:
             self.processes[idx] = Process(self.config, self.sockets)

@@ -85,7 +85,8 @@ def test_require_gpu_is_ready_only_on_a_gpu(exported_repo):
 
 def test_a_disconnected_client_leaves_the_queue(exported_repo):
     # The CPU on every machine: the test needs an engine slow enough to keep a queue (a GPU empties it).
-    with running_server(device="cpu", models_dir=exported_repo, max_batch_size=1) as (url, app):
+    # One batch at a time (no CPU lanes): the queue must stay long enough to disconnect from.
+    with running_server(device="cpu", models_dir=exported_repo, max_batch_size=1, cpu_lanes=1) as (url, app):
         served = app.state.archserve.models.get("resnet18")
         data = jpeg()
         request = (
