@@ -21,8 +21,8 @@ class Settings(BaseSettings):
     worker_start_timeout_s: int = Field(
         600, ge=1,
         description="With workers > 1: how long a worker restarted by SIGHUP may take to load before the "
-        "restart is given up (the old worker keeps serving), and how long a worker may leave uvicorn's health "
-        "ping unanswered before it is replaced.",
+        "restart is given up (the old worker keeps serving), and how long a new worker may take to become "
+        "ready before it is replaced as hung (a ready one must answer the health ping within 5 s).",
     )
     models_dir: Path = Path("models")
     models: Annotated[list[str], NoDecode] = Field(
