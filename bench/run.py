@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from service import threads
+
 from . import loadgen
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,9 +89,10 @@ def machine_info() -> dict:
     }
 
 
-def process_tree_cpu_s(pid: int) -> float:
-    """CPU seconds of ``pid`` and every live descendant (worker processes), plus what the tree has reaped."""
-    tick = os.sysconf("SC_CLK_TCK")
+def _process_tree(pid: int) -> dict[int, list[str]]:
+    """``pid`` and its live descendants (worker processes): each one's /proc stat fields after the command
+    name (``[1]`` the parent pid, ``[11]``/``[12]`` utime/stime, ``[13]``/``[14]`` of reaped children). Empty if
+    ``pid`` is not running."""
     stats: dict[int, list[str]] = {}
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -98,24 +101,29 @@ def process_tree_cpu_s(pid: int) -> float:
         with contextlib.suppress(OSError, IndexError):
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             stats[int(entry.name)] = fields
-            children.setdefault(int(fields[1]), []).append(int(entry.name))  # fields[1]: the parent pid
-    if pid not in stats:
-        return 0.0
-    total, todo = 0, [pid]
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree: dict[int, list[str]] = {}
+    todo = [pid]
     while todo:
         current = todo.pop()
-        fields = stats.get(current)
-        if fields is None:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-        todo.extend(children.get(current, []))
-    root = stats[pid]
-    total += int(root[13]) + int(root[14])  # cutime + cstime: descendants already waited for
-    return total / tick
+        if current in stats and current not in tree:
+            tree[current] = stats[current]
+            todo.extend(children.get(current, []))
+    return tree
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and every live descendant (worker processes), plus what the tree has reaped."""
+    tree = _process_tree(pid)
+    if pid not in tree:
+        return 0.0
+    total = sum(int(fields[11]) + int(fields[12]) for fields in tree.values())
+    total += int(tree[pid][13]) + int(tree[pid][14])  # cutime + cstime: descendants already waited for
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # The server names its threads for the OS (service/threads.py); by that name, what each one does.
-THREAD_GROUPS = (("decode", "decode"), ("batch", "inference"), ("ort ", "inference"))
+THREAD_GROUPS = ((threads.DECODE, "decode"), (threads.BATCH, "inference"), (threads.ONNXRUNTIME + " ", "inference"))
 
 
 def _thread_group(pid: int, tid: int, comm: str) -> str:
@@ -130,20 +138,8 @@ def process_tree_threads_cpu_s(pid: int) -> dict[str, float]:
 
     A thread that ended is not counted: compare two samples of long-lived threads (a server's are)."""
     tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    tree, todo = set(), [pid]
-    while todo:
-        current = todo.pop()
-        if current in tree:
-            continue
-        tree.add(current)
-        todo.extend(child for child, parent in parents.items() if parent == current)
     groups = {"event_loop": 0.0, "decode": 0.0, "inference": 0.0, "other": 0.0}
-    for proc in tree:
+    for proc in _process_tree(pid):
         with contextlib.suppress(OSError):
             for task in Path(f"/proc/{proc}/task").iterdir():
                 with contextlib.suppress(OSError, IndexError, ValueError):

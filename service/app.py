@@ -29,7 +29,7 @@ from .state import AppState
 from .store.factory import is_postgres_url, open_store
 from .store.lazy import LazyStore
 from .store.writer import StoreWriter
-from .threads import name_os_thread
+from .threads import DECODE, name_os_thread
 
 log = logging.getLogger("archserve")
 
@@ -115,7 +115,7 @@ def _build_app(settings: Settings) -> FastAPI:
         experiments=experiment_set,
         store=store,
         store_writer=writer,
-        decode_pool=ThreadPoolExecutor(settings.decode_thread_count(), thread_name_prefix="decode",
+        decode_pool=ThreadPoolExecutor(settings.decode_thread_count(), thread_name_prefix=DECODE,
                                        initializer=name_os_thread),
     )
     app.include_router(classify.router)

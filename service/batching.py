@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .threads import name_os_thread
+from .threads import BATCH, name_os_thread
 
 __all__ = [
     "BatchFailedError",
@@ -250,7 +250,7 @@ class Batcher(Generic[T, R]):
         # provider: cuDNN/cuBLAS handles and what they cache per shape), so the warm-up runs in the very
         # threads that will run the batches.
         # The OS name (`top -H`, /proc) keeps 15 bytes: "batch resnet50/".
-        os_name = f"batch {self._name}" if self._name else "batch"
+        os_name = f"{BATCH} {self._name}" if self._name else BATCH
         self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{prefix}-{i}",
                                               initializer=name_os_thread, initargs=(os_name,))
                            for i in range(self._instances)]

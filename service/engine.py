@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from modelrepo.layout import file_sha256
 from modelrepo.manifest import Manifest
-from .threads import name_os_thread, os_thread_name
+from .threads import ONNXRUNTIME, name_os_thread, os_thread_name
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class OnnxEngine:
         # "ort resnet50/1" in `top -H` and /proc, instead of "python" (service/threads.py).
         previous = os_thread_name()
         if previous is not None:  # renamed only where it can be named back
-            name_os_thread(f"ort {entry.parent.parent.name}/{entry.parent.name}")
+            name_os_thread(f"{ONNXRUNTIME} {entry.parent.parent.name}/{entry.parent.name}")
         try:
             return ort.InferenceSession(str(entry), options, providers=providers)
         except Exception as exc:
@@ -198,12 +198,19 @@ class OnnxEngine:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run a batch: on its lane's session after ``split``, else on the session for its size."""
-        session = self._lane_session() if self._lanes else self.session_for(len(batch))
-        return session.run([self.output_name], {self.input_name: batch})[0]
+        return self._infer(self._lane_session() if self._lanes else self.session_for(len(batch)), batch)
 
     def run_alone(self, batch: np.ndarray) -> np.ndarray:
         """Run a batch on the session for its size (after ``split``: the one on every core)."""
-        return self.session_for(len(batch)).run([self.output_name], {self.input_name: batch})[0]
+        return self._infer(self.session_for(len(batch)), batch)
+
+    def _infer(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+        return session.run([self.output_name], {self.input_name: batch})[0]
+
+    @property
+    def lanes(self) -> int:
+        """Batches that may run at once on this engine's lane sessions (1 without ``split``)."""
+        return len(self._lanes) or 1
 
     def warmup(self, batch_sizes: list[int]) -> None:
         _, height, width, channels = self.manifest.input.shape

@@ -82,7 +82,7 @@ class ServedModel:
                 "instances": self.instances,
                 "padded_sizes": self.padded_sizes,
                 "sessions": self.engine.sessions,
-                "cpu_lanes": self.instances if self.engine.lane_threads else 1,
+                "cpu_lanes": self.engine.lanes,
                 "lane_threads": self.engine.lane_threads,
             },
             "params": m.complexity.params,
