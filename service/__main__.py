@@ -81,8 +81,6 @@ def _supervisor_class():
             server has served, it stops the server; after, its slot is started again with a growing delay."""
             if self.should_exit.is_set():
                 return
-            if not self.served:
-                self.served = all(process.is_ready(timeout=1) for process in self.processes)
             now = time.monotonic()
             live = set(self.processes)  # forget processes replaced since (a restart, a dead worker)
             self._ready &= live
@@ -97,7 +95,7 @@ def _supervisor_class():
                         self._start(idx)
                     continue  # else a rolling restart filled the slot meanwhile
                 if self._alive(process, now):
-                    if idx in self._failures and process.is_ready(timeout=1):
+                    if idx in self._failures and process in self._ready:
                         del self._failures[idx]
                     continue
                 process.kill()  # hung, or already gone
@@ -117,6 +115,8 @@ def _supervisor_class():
                     continue
                 log.info("Child process [%s] died", process.pid)
                 self._start(idx)
+            # Readiness comes from _alive's pings: one ping per worker and check, not three.
+            self.served = self.served or all(process in self._ready for process in self.processes)
 
         def _alive(self, process, now: float) -> bool:
             """Whether a worker lives. uvicorn pings it and waits up to ``timeout_worker_healthcheck`` for the
