@@ -417,6 +417,7 @@ def server_figures(before: Samples | None, after: Samples | None, model: str) ->
         "images_batched": int(round(images)),
         "mean_batch_size": round(images / batches, 3) if batches > 0 else None,
         "batch_size_histogram": batch_hist,
+        "alone_batches": int(round(delta("archserve_alone_batches_total"))),
         "request_latency_ms": {**quantiles, "mean": _round(mean_ms("archserve_request_duration_seconds"))},
         "inference_ms_per_batch": _round(mean_ms("archserve_inference_duration_seconds")),
         "preprocess_ms_per_image": _round(mean_ms("archserve_preprocess_duration_seconds")),
@@ -951,7 +952,7 @@ def format_report(r: dict) -> str:
     if s:
         sl = s["request_latency_ms"]
         lines.append(f"  server: mean batch {s['mean_batch_size']} over {s['batches']} batches "
-                     f"{s['batch_size_histogram']}")
+                     f"({s.get('alone_batches', 0)} alone) {s['batch_size_histogram']}")
         lines.append(f"  server latency ms (histogram): p50 {sl['p50']} p90 {sl['p90']} p99 {sl['p99']} "
                      f"mean {sl['mean']}")
         lines.append(f"  server stages ms: preprocess/img {s['preprocess_ms_per_image']}  queue wait/img "

@@ -83,13 +83,15 @@ class ShedError(BatchingError):
 class BatchStats:
     """What one batch run looked like, for metrics.
 
-    ``queue_wait_s`` holds, per item, the monotonic time from submit to dispatch.
+    ``queue_wait_s`` holds, per item, the monotonic time from submit to dispatch; ``alone`` says the batch
+    ran through ``run_alone``.
     """
 
     size: int
     queue_wait_s: list[float]
     run_s: float
     ok: bool
+    alone: bool = False
 
 
 class _State(enum.Enum):
@@ -575,7 +577,7 @@ class Batcher(Generic[T, R]):
                 failure = BatchFailedError(f"{self._label}: batch of {len(batch)} failed: {error}")
                 failure.__cause__ = error
                 self._fail(entry, failure)
-        self._notify(self._on_batch, BatchStats(len(batch), waits, run_s, error is None), "on_batch")
+        self._notify(self._on_batch, BatchStats(len(batch), waits, run_s, error is None, alone), "on_batch")
 
     @staticmethod
     def _timed_run(run: Callable[[list[Any]], Sequence[Any]], items: list[Any]) -> tuple[Any, Exception | None, float]:

@@ -101,6 +101,12 @@ class Metrics(LabelledChildren):
             "archserve_batch_size", "Images per batch sent to onnxruntime.",
             LABELS, buckets=BATCH_BUCKETS, registry=registry,
         )
+        self.alone_batches = Counter(
+            "archserve_alone_batches",
+            "Batches run alone on all the CPU cores (CPU lanes: one request found the model idle). The other "
+            "batches (archserve_batch_size_count minus these) ran in a lane, beside other batches.",
+            LABELS, registry=registry,
+        )
         self.batch_failures = Counter(
             "archserve_batch_failures", "Batches whose onnxruntime run failed.", LABELS, registry=registry,
         )

@@ -281,9 +281,12 @@ def _batch_observer(metrics: Metrics, name: str, version: str):
     inference = metrics.inference_latency.labels(name, version)
     queue_wait = metrics.queue_wait.labels(name, version)
     failures = metrics.batch_failures.labels(name, version)
+    alone = metrics.alone_batches.labels(name, version)
 
     def on_batch(stats: BatchStats) -> None:
         batch_size.observe(stats.size)
+        if stats.alone:
+            alone.inc()
         inference.observe(stats.run_s)
         for wait in stats.queue_wait_s:
             queue_wait.observe(wait)

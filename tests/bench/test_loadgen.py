@@ -88,6 +88,7 @@ def test_load_counts_every_image(server, tmp_path, capsys, protocol, batch, size
         assert decoded >= report["images_ok"]
     assert report["server"]["images_batched"] > 0  # the load generator's own /metrics deltas
     assert report["server"]["requests_by_code"].get("200", 0) >= 1
+    assert 0 <= report["server"]["alone_batches"] <= report["server"]["batches"]
 
 
 def test_open_loop_counts_images(server):

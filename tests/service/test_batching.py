@@ -681,3 +681,92 @@ async def test_a_batch_runs_alone_only_when_nothing_else_waits():
         assert results == [[8, 10], 12]
     assert alone.batches == []
     assert sorted(map(sorted, lanes.batches)) == [[1, 2], [3], [4, 5], [6]]
+
+
+async def test_batch_stats_say_which_batches_ran_alone():
+    lanes, alone = FakeEngine(), FakeEngine()
+    stats: list[BatchStats] = []
+    async with running(lanes, instances=2, run_alone=alone, on_batch=stats.append) as batcher:
+        assert await batcher.submit(1) == 2
+        assert await asyncio.gather(batcher.submit(2), batcher.submit(3)) == [4, 6]
+    assert [(s.size, s.alone) for s in stats] == [(1, True), (2, False)]
+
+
+async def test_closing_with_drain_runs_what_waited_behind_a_lone_batch():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone) as batcher:
+        held = asyncio.create_task(batcher.submit(HOLD))
+        await eventually(alone.entered.is_set)
+        tasks = spawn(batcher, [1, 2])
+        await eventually(lambda: batcher.queue_depth == 2)
+        closing = asyncio.create_task(batcher.close(drain=True))
+        await asyncio.sleep(0.02)
+        with pytest.raises(BatcherClosedError):
+            await batcher.submit(3)  # closed to new work while it drains
+        alone.gate.set()
+        await closing
+        assert await asyncio.gather(held, *tasks) == [HOLD * 2, 2, 4]
+    assert lanes.batches == [[1, 2]]
+
+
+async def test_closing_without_drain_fails_what_waited_and_lets_the_lone_batch_finish():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone) as batcher:
+        held = asyncio.create_task(batcher.submit(HOLD))
+        await eventually(alone.entered.is_set)
+        tasks = spawn(batcher, [1, 2])
+        await eventually(lambda: batcher.queue_depth == 2)
+        closing = asyncio.create_task(batcher.close(drain=False))
+        for task in tasks:
+            with pytest.raises(BatcherClosedError, match="without draining"):
+                await task
+        alone.gate.set()
+        await closing
+        assert await held == HOLD * 2
+    assert lanes.batches == []
+
+
+async def test_a_close_that_times_out_answers_a_stuck_lone_batch():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone) as batcher:
+        held = asyncio.create_task(batcher.submit(HOLD))
+        await eventually(alone.entered.is_set)
+        queued = asyncio.create_task(batcher.submit(1))
+        await eventually(lambda: batcher.queue_depth == 1)
+        started = time.monotonic()
+        await batcher.close(timeout=0.1)
+        assert time.monotonic() - started < 2
+        for task in (held, queued):
+            with pytest.raises(BatcherClosedError):
+                await task
+    assert lanes.batches == []
+
+
+async def test_a_deadline_that_passes_behind_a_lone_batch_expires_the_request_unrun():
+    lanes, alone = FakeEngine(), FakeEngine()
+    expired: list[int] = []
+    async with running(lanes, instances=2, run_alone=alone, on_expired=expired.append) as batcher:
+        held = asyncio.create_task(batcher.submit(HOLD))
+        await eventually(alone.entered.is_set)
+        with pytest.raises(DeadlineExceededError):
+            await batcher.submit(5, deadline=time.monotonic() + 0.05)
+        assert batcher.queue_depth == 0
+        alone.gate.set()
+        assert await held == HOLD * 2
+        assert await batcher.submit(6) == 12  # and the next request runs
+    assert sum(expired) == 1
+    assert 5 not in lanes.seen + alone.seen
+
+
+async def test_with_a_queue_delay_a_lone_request_still_runs_alone_and_a_gathered_batch_in_a_lane():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone, max_queue_delay_ms=100) as batcher:
+        started = time.monotonic()
+        assert await batcher.submit(1) == 2
+        assert time.monotonic() - started >= 0.09, "a partial batch went before the delay"
+        assert alone.batches == [[1]]
+        # Two requests 20 ms apart, within the delay: gathered into one batch, which runs in a lane.
+        first = asyncio.create_task(batcher.submit(2))
+        await asyncio.sleep(0.02)
+        assert await asyncio.gather(first, batcher.submit(3)) == [4, 6]
+    assert lanes.batches == [[2, 3]] and alone.batches == [[1]]

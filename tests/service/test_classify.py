@@ -227,7 +227,8 @@ def test_metrics_exposition_parses_and_uses_only_known_labels(url):
         ("archserve_requests", "counter"), ("archserve_images", "counter"),
         ("archserve_request_duration_seconds", "histogram"), ("archserve_preprocess_duration_seconds", "histogram"),
         ("archserve_queue_wait_seconds", "histogram"), ("archserve_inference_duration_seconds", "histogram"),
-        ("archserve_batch_size", "histogram"), ("archserve_queue_depth", "gauge"),
+        ("archserve_batch_size", "histogram"), ("archserve_alone_batches", "counter"),
+        ("archserve_queue_depth", "gauge"),
         ("archserve_inflight_requests", "gauge"), ("archserve_model_info", "gauge"),
     ]:
         assert families[name].type == kind, name

@@ -236,7 +236,8 @@ def test_on_the_cpu_a_lone_request_runs_on_every_core_and_batches_run_side_by_si
     from service.repository import available_cores
 
     settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, device="cpu", cpu_lanes=2)
-    served = load_model("resnet18", 1, settings, Metrics(CollectorRegistry()))
+    metrics = Metrics(CollectorRegistry())
+    served = load_model("resnet18", 1, settings, metrics)
     assert served.instances == 2 and served.engine.lane_threads == max(1, available_cores() // 2)
     assert served.engine.sessions == 3  # the one on every core, and one per lane
     batching = served.describe(settings)["batching"]
@@ -260,6 +261,9 @@ def test_on_the_cpu_a_lone_request_runs_on_every_core_and_batches_run_side_by_si
 
     one, three = asyncio.run(classify())
     assert ran == [("alone", 1), ("lane", 3)]
+    labels = {"model": "resnet18", "version": "1"}
+    assert metrics.registry.get_sample_value("archserve_batch_size_count", labels) == 2
+    assert metrics.registry.get_sample_value("archserve_alone_batches_total", labels) == 1
     # Both sessions compute the same model.
     np.testing.assert_allclose(one, three[0], rtol=1e-4, atol=1e-4)
 
@@ -314,3 +318,4 @@ def test_each_lane_thread_runs_a_session_of_its_own(version_dir):
     (a1, a2), (b1, b2) = seen
     assert a1 is a2 and b1 is b2, "a thread keeps its lane"
     assert a1 is not b1 and {a1, b1} == set(engine._lanes) and engine.session not in (a1, b1)
+
