@@ -155,6 +155,11 @@ class OnnxEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if config.intra_op_threads:
             options.intra_op_num_threads = config.intra_op_threads
+        # onnxruntime's pool threads otherwise spin for a while after each run, on cores that decoding and the
+        # event loop need next. At 1 client on 2 cores: 9% (resnet50) and 20% (resnet18) less CPU per image;
+        # p50 -0.7 ms in one A/B, unchanged in another; no change at 16 clients (README, "How a request is
+        # served").
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         providers: list = [CPU]
         if cuda:
             providers = [(CUDA, {**_cuda_options(config), **(cuda_extra or {})}), CPU]

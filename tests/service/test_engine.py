@@ -319,3 +319,14 @@ def test_each_lane_thread_runs_a_session_of_its_own(version_dir):
     assert a1 is a2 and b1 is b2, "a thread keeps its lane"
     assert a1 is not b1 and {a1, b1} == set(engine._lanes) and engine.session not in (a1, b1)
 
+
+def test_every_session_stops_its_threads_spinning_when_a_run_returns(version_dir):
+    # Spinning pool threads would hold cores that decoding and the event loop need between runs.
+    engine = OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="cpu"))
+    engine.split(2, 1)
+    sized = OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="cpu"))
+    sized.specialise([1, 2])
+    sessions = [engine.session, *engine._lanes, sized.session, sized.session_for(1), sized.session_for(2)]
+    assert len({id(s) for s in sessions}) == 5  # the first size keeps the session already open
+    for session in sessions:
+        assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
