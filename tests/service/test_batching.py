@@ -94,6 +94,17 @@ def spawn(batcher: Batcher[int, int], items, **kwargs) -> list[asyncio.Task[int]
     return [asyncio.create_task(batcher.submit(x, **kwargs)) for x in items]
 
 
+async def behind_a_lone_batch(
+    batcher: Batcher[int, int], alone: FakeEngine, items: list[int]
+) -> tuple[asyncio.Task[int], list[asyncio.Task[int]]]:
+    """A request running alone until ``alone.gate`` is set, and ``items`` queued behind it, one request each."""
+    held = asyncio.create_task(batcher.submit(HOLD))
+    await eventually(alone.entered.is_set)
+    tasks = spawn(batcher, items)
+    await eventually(lambda: batcher.queue_depth == len(items))
+    return held, tasks
+
+
 async def test_low_load_dispatches_alone_without_waiting():
     engine = FakeEngine()
     stats: list[BatchStats] = []
@@ -629,10 +640,7 @@ async def test_a_lone_item_runs_alone_and_batches_of_several_run_beside_each_oth
 async def test_nothing_starts_while_a_batch_runs_alone():
     lanes, alone = FakeEngine(), FakeEngine()
     async with running(lanes, instances=2, run_alone=alone) as batcher:
-        held = asyncio.create_task(batcher.submit(HOLD))
-        await eventually(alone.entered.is_set)
-        tasks = spawn(batcher, [1, 2, 3])
-        await eventually(lambda: batcher.queue_depth == 3)
+        held, tasks = await behind_a_lone_batch(batcher, alone, [1, 2, 3])
         await asyncio.sleep(0.05)
         assert lanes.batches == [] and batcher.queue_depth == 3, "a batch started beside the one running alone"
         alone.gate.set()
@@ -695,10 +703,7 @@ async def test_batch_stats_say_which_batches_ran_alone():
 async def test_closing_with_drain_runs_what_waited_behind_a_lone_batch():
     lanes, alone = FakeEngine(), FakeEngine()
     async with running(lanes, instances=2, run_alone=alone) as batcher:
-        held = asyncio.create_task(batcher.submit(HOLD))
-        await eventually(alone.entered.is_set)
-        tasks = spawn(batcher, [1, 2])
-        await eventually(lambda: batcher.queue_depth == 2)
+        held, tasks = await behind_a_lone_batch(batcher, alone, [1, 2])
         closing = asyncio.create_task(batcher.close(drain=True))
         await asyncio.sleep(0.02)
         with pytest.raises(BatcherClosedError):
@@ -712,10 +717,7 @@ async def test_closing_with_drain_runs_what_waited_behind_a_lone_batch():
 async def test_closing_without_drain_fails_what_waited_and_lets_the_lone_batch_finish():
     lanes, alone = FakeEngine(), FakeEngine()
     async with running(lanes, instances=2, run_alone=alone) as batcher:
-        held = asyncio.create_task(batcher.submit(HOLD))
-        await eventually(alone.entered.is_set)
-        tasks = spawn(batcher, [1, 2])
-        await eventually(lambda: batcher.queue_depth == 2)
+        held, tasks = await behind_a_lone_batch(batcher, alone, [1, 2])
         closing = asyncio.create_task(batcher.close(drain=False))
         for task in tasks:
             with pytest.raises(BatcherClosedError, match="without draining"):
@@ -729,10 +731,7 @@ async def test_closing_without_drain_fails_what_waited_and_lets_the_lone_batch_f
 async def test_a_close_that_times_out_answers_a_stuck_lone_batch():
     lanes, alone = FakeEngine(), FakeEngine()
     async with running(lanes, instances=2, run_alone=alone) as batcher:
-        held = asyncio.create_task(batcher.submit(HOLD))
-        await eventually(alone.entered.is_set)
-        queued = asyncio.create_task(batcher.submit(1))
-        await eventually(lambda: batcher.queue_depth == 1)
+        held, (queued,) = await behind_a_lone_batch(batcher, alone, [1])
         started = time.monotonic()
         await batcher.close(timeout=0.1)
         assert time.monotonic() - started < 2
