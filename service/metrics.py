@@ -103,8 +103,8 @@ class Metrics(LabelledChildren):
         )
         self.alone_batches = Counter(
             "archserve_alone_batches",
-            "Batches run alone on all the CPU cores (CPU lanes: one request found the model idle). The other "
-            "batches (archserve_batch_size_count minus these) ran in a lane, beside other batches.",
+            "Batches run alone on all the CPU cores: with CPU lanes, one request that found the model idle (the "
+            "rest of archserve_batch_size_count ran in a lane, beside other batches). Always 0 without lanes.",
             LABELS, registry=registry,
         )
         self.batch_failures = Counter(
