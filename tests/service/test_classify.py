@@ -219,7 +219,9 @@ def test_health_and_docs(url):
 
 
 def test_metrics_exposition_parses_and_uses_only_known_labels(url):
-    httpx.post(f"{url}/classify/..%2F..%2Fetc%2Fpasswd", content=jpeg())
+    # Names the route sees and no served model has: one label for all of them, never the raw name.
+    for name in ("..%2F..%2Fetc%2Fpasswd", "no-such-model", "x" * 200):
+        assert httpx.post(f"{url}/classify/{name}", content=jpeg()).status_code == 404
     httpx.post(f"{url}/classify/resnet18", content=jpeg())
     text = httpx.get(f"{url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
