@@ -516,7 +516,7 @@ def test_serving_dashboard_covers_latency_by_stage_throughput_batching_queues_er
                  "archserve_queue_wait_seconds_bucket", "archserve_inference_duration_seconds_bucket",
                  "archserve_images_total", "archserve_batch_size_bucket", "archserve_queue_depth",
                  "archserve_inflight_requests", "archserve_requests_total", "archserve_model_info",
-                 "archserve_ready"):
+                 "archserve_ready", "archserve_alone_batches_total"):
         assert name in used, f"the serving dashboard does not show {name}"
     exprs = dashboard_exprs(dashboard)
     for quantile in ("0.5", "0.99"):
