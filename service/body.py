@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .errors import BadRequestError, PayloadTooLargeError
+from .inference import ClientGone
 from .preprocess import check_media_type
 
 
@@ -29,13 +30,16 @@ async def read_limited(request: Request, limit: int) -> bytes:
                 f"the body is {int(declared)} bytes, over the limit of {limit}; send smaller or fewer images"
             )
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:  # chunked uploads have no Content-Length: count as they arrive
-            raise PayloadTooLargeError(
-                f"the body exceeds the limit of {limit} bytes; send smaller or fewer images"
-            )
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:  # chunked uploads have no Content-Length: count as they arrive
+                raise PayloadTooLargeError(
+                    f"the body exceeds the limit of {limit} bytes; send smaller or fewer images"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before its body arrived: the routes answer 499, as for a later disconnect
+        raise ClientGone() from None
     return b"".join(chunks)
 
 

@@ -120,6 +120,25 @@ def test_a_disconnected_client_leaves_the_queue(exported_repo):
         assert counter(url, "archserve_batch_size_sum") == 49
 
 
+@pytest.mark.parametrize("path, content_type", [("/classify/resnet18", "image/jpeg"),
+                                                 ("/v2/models/resnet18/infer", "application/json")])
+def test_a_client_that_leaves_during_its_upload_is_a_499_not_a_server_error(exported_repo, path, content_type):
+    with running_server(device="cpu", models_dir=exported_repo, warmup=False) as (url, _app):
+        data = jpeg()
+        host, port = url.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port))) as s:  # half the declared body, then gone
+            s.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                       f"Content-Length: {len(data)}\r\n\r\n").encode() + data[: len(data) // 2])
+            time.sleep(0.3)  # the server has the headers and waits for the rest of the body
+        deadline = time.monotonic() + 10
+        while counter(url, "archserve_requests_total", code=499) + counter(
+                url, "archserve_requests_total", code=500) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert counter(url, "archserve_requests_total", code=499) == 1
+        assert counter(url, "archserve_requests_total", code=500) == 0
+        assert httpx.post(f"{url}/classify/resnet18", content=data, timeout=60).status_code == 200
+
+
 def _start_service(repo, port: int, *extra: str, log=None, env=None) -> subprocess.Popen:
     """``python -m service`` in its own process group (so its workers can be killed with it), logging to ``log``."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ARCHSERVE_", "PROMETHEUS_"))}, **(env or {})}
