@@ -30,6 +30,8 @@ class StoreWriter:
     last_error: str | None = None
     last_error_at: float | None = None
     on_state: object = None  # callable(up: bool) for a gauge
+    # One flush at a time: two would write the same records and each pop them, losing the ones behind.
+    _flushing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
     def degraded(self) -> bool:
@@ -65,16 +67,18 @@ class StoreWriter:
         return None
 
     async def flush(self) -> None:
-        while self.pending:
-            batch = [self.pending[i] for i in range(min(len(self.pending), 500))]
-            try:
-                await asyncio.to_thread(self.store.record, batch)
-            except Exception as exc:
-                self._failed(exc)
-                return
-            for _ in batch:
-                self.pending.popleft()
-        self._recovered()
+        async with self._flushing:
+            while self.pending:
+                batch = [self.pending[i] for i in range(min(len(self.pending), 500))]
+                try:
+                    await asyncio.to_thread(self.store.record, batch)
+                except Exception as exc:
+                    self._failed(exc)
+                    return
+                for record in batch:  # what was written, unless a full buffer dropped it meanwhile
+                    if self.pending and self.pending[0] is record:
+                        self.pending.popleft()
+            self._recovered()
 
     async def run(self, interval_s: float = 2.0) -> None:
         while True:
