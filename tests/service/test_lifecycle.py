@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -84,41 +85,57 @@ def test_require_gpu_is_ready_only_on_a_gpu(exported_repo):
 
 
 def test_a_disconnected_client_leaves_the_queue(exported_repo):
-    # The CPU on every machine: the test needs an engine slow enough to keep a queue (a GPU empties it).
-    # One batch at a time (no CPU lanes): the queue must stay long enough to disconnect from.
+    """Clients that disconnect while their images wait are answered 499 and their images leave the queue
+    before their turn. The engine is held (its run waits on a gate) while they queue and leave, so the test
+    does not depend on how fast this machine serves the requests queued ahead of them."""
+    # One batch at a time (max_batch_size=1, no CPU lanes): the first request holds the engine, the rest queue.
     with running_server(device="cpu", models_dir=exported_repo, max_batch_size=1, cpu_lanes=1) as (url, app):
         served = app.state.archserve.models.get("resnet18")
+        gate = threading.Event()
+        real_run = served.engine.run
+        served.engine.run = lambda batch: (gate.wait(60), real_run(batch))[1]
         data = jpeg()
         request = (
             f"POST /classify/resnet18 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
             f"Content-Length: {len(data)}\r\n\r\n"
         ).encode() + data
 
+        def until(condition, what: str, timeout: float = 20) -> None:  # under the 30 s request deadline
+            deadline = time.monotonic() + timeout
+            while not condition():
+                assert time.monotonic() < deadline, f"{what}: queue depth {served.batcher.queue_depth}"
+                time.sleep(0.02)
+
         async def scenario():
-            busy = asyncio.ensure_future(_burst(url, 48, data))  # keep the single instance busy
-            await asyncio.sleep(0.2)
+            busy = asyncio.ensure_future(_burst(url, 6, data))  # one runs (held at the gate), five queue
+            await asyncio.to_thread(until, lambda: served.batcher.queue_depth == 5, "the burst never queued")
             socks = []
             for _ in range(4):
                 s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
                 s.sendall(request)
                 socks.append(s)
-            await asyncio.sleep(0.2)
-            assert served.batcher.queue_depth > 8, "the engine must still be busy for this test to mean anything"
+            await asyncio.to_thread(until, lambda: served.batcher.queue_depth == 9, "the 4 clients never queued")
             for s in socks:
                 s.close()  # gone before their turn
+            # They leave while the engine is still held: nothing of theirs waits for a turn.
+            await asyncio.to_thread(
+                until, lambda: counter(url, "archserve_requests_total", code=499) == 4, "not all 4 left as 499s"
+            )
+            assert served.batcher.queue_depth == 5
+            gate.set()
             return await busy
 
-        responses = asyncio.run(scenario())
-        assert all(r.status_code == 200 for r in responses)
-        deadline = time.monotonic() + 30
-        while counter(url, "archserve_requests_total", code=499) < 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        codes = {code: counter(url, "archserve_requests_total", code=code) for code in (200, 499, 500)}
-        assert codes[499] == 4, f"requests by code: {codes}, batched images: {counter(url, 'archserve_batch_size_sum')}"
+        try:
+            responses = asyncio.run(scenario())
+        finally:
+            gate.set()
+        assert [r.status_code for r in responses] == [200] * 6
         assert served.batcher.queue_depth == 0
-        # 48 served + 1 check below; the 4 abandoned images never reached the engine
+        codes = {code: counter(url, "archserve_requests_total", code=code) for code in (200, 499, 500)}
+        assert codes == {200: 6, 499: 4, 500: 0}
+        # 6 served + 1 check below; the 4 abandoned images never reached the engine
         assert httpx.post(f"{url}/classify/resnet18", content=data, timeout=60).status_code == 200
-        assert counter(url, "archserve_batch_size_sum") == 49
+        assert counter(url, "archserve_batch_size_sum") == 7
 
 
 @pytest.mark.parametrize("path, content_type", [("/classify/resnet18", "image/jpeg"),
