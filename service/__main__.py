@@ -116,7 +116,10 @@ def _supervisor_class():
                 log.info("Child process [%s] died", process.pid)
                 self._start(idx)
             # Readiness comes from _alive's pings: one ping per worker and check, not three.
-            self.served = self.served or all(process in self._ready for process in self.processes)
+            if not self.served and all(process in self._ready for process in self.processes):
+                self.served = True
+                log.info("All %d workers are ready; from now on a worker that cannot start leaves the others "
+                         "serving", len(self.processes))
 
         def _alive(self, process, now: float) -> bool:
             """Whether a worker lives. uvicorn pings it and waits up to ``timeout_worker_healthcheck`` for the
