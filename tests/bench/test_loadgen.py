@@ -133,7 +133,7 @@ def test_v2_against_a_server_without_the_protocol(exported_repo, capsys):
         err = capsys.readouterr().err
         assert "no Open Inference Protocol (KServe v2) endpoint" in err and "--protocol classify" in err
         # The classify protocol still works against it (no /metrics there: no server figures).
-        report = loadgen.run_async(loadgen.closed_loop(url, MODEL, 1, 0.5, warmup=0.0, images=[jpeg()]))
+        report = loadgen.run_async(loadgen.closed_loop(url, MODEL, 1, 2.0, warmup=0.0, images=[jpeg()]))
         assert report["ok"] > 0 and report["server"] is None and report["throughput_req_s"] > 0
 
 

@@ -291,9 +291,10 @@ async def test_deadline_passing_while_running_fails_the_caller_and_batch_complet
     engine = FakeEngine()
     stats: list[BatchStats] = []
     async with running(engine, on_batch=stats.append) as batcher:
+        held = asyncio.create_task(batcher.submit(HOLD, deadline=time.monotonic() + 1.0))
+        await eventually(engine.entered.is_set)  # running (held at the gate) before its deadline passes
         with pytest.raises(DeadlineExceededError):
-            await batcher.submit(HOLD, deadline=time.monotonic() + 0.3)
-        assert engine.entered.is_set()
+            await held
         assert batcher.in_flight == 1
         engine.gate.set()
         await eventually(lambda: batcher.in_flight == 0)
@@ -764,8 +765,13 @@ async def test_with_a_queue_delay_a_lone_request_still_runs_alone_and_a_gathered
         assert await batcher.submit(1) == 2
         assert time.monotonic() - started >= 0.09, "a partial batch went before the delay"
         assert alone.batches == [[1]]
-        # Two requests 20 ms apart, within the delay: gathered into one batch, which runs in a lane.
+    assert lanes.batches == []
+    # Two requests 20 ms apart, well within the delay (5 s, so that a stalled event loop cannot let it pass
+    # between them): gathered into one batch, which runs in a lane as soon as it is full.
+    async with running(lanes, instances=2, run_alone=alone, max_queue_delay_ms=5000, max_batch_size=2) as batcher:
+        started = time.monotonic()
         first = asyncio.create_task(batcher.submit(2))
         await asyncio.sleep(0.02)
         assert await asyncio.gather(first, batcher.submit(3)) == [4, 6]
+        assert time.monotonic() - started < 4, "a full batch waited out the delay"
     assert lanes.batches == [[2, 3]] and alone.batches == [[1]]

@@ -34,7 +34,7 @@ def url(server):
 
 
 def metric_samples(url: str) -> dict:
-    text = httpx.get(url + "/metrics").text
+    text = httpx.get(url + "/metrics", timeout=60).text
     samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

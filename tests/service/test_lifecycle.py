@@ -23,7 +23,7 @@ from tests.service.server import cuda_runs, free_port, running_server, wait_unti
 
 def counter(url: str, name: str, **labels) -> float:
     total = 0.0
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=60).text):
         for s in family.samples:
             if s.name == name and all(s.labels.get(k) == str(v) for k, v in labels.items()):
                 total += s.value
@@ -36,16 +36,39 @@ async def _burst(url: str, count: int, data: bytes, timeout: float = 120) -> lis
 
 
 def test_full_queue_answers_503_with_retry_after_and_recovers(exported_repo):
-    # The CPU on every machine: a GPU may drain the queue before it overflows.
-    with running_server(device="cpu", models_dir=exported_repo, max_batch_size=1, max_queue_size=2) as (url, _):
-        responses = asyncio.run(_burst(url, 24, jpeg()))
+    # One batch at a time (max_batch_size=1, no CPU lanes), held at a gate: one request runs, two fill the
+    # queue, the other 21 must be refused, however fast or slow this machine is.
+    with running_server(device="cpu", models_dir=exported_repo, max_batch_size=1, max_queue_size=2,
+                        cpu_lanes=1) as (url, app):
+        served = app.state.archserve.models.get("resnet18")
+        gate = threading.Event()
+        real_run = served.engine.run
+        served.engine.run = lambda batch: (gate.wait(60), real_run(batch))[1]
+
+        def refused(count: int) -> None:
+            deadline = time.monotonic() + 20  # under the 30 s request deadline
+            while (n := counter(url, "archserve_requests_total", code=503)) < count:
+                assert time.monotonic() < deadline, f"{n} of {count} refused, queue depth {served.batcher.queue_depth}"
+                time.sleep(0.02)
+
+        async def scenario():
+            burst = asyncio.ensure_future(_burst(url, 24, jpeg()))
+            await asyncio.to_thread(refused, 21)
+            assert served.batcher.queue_depth == 2
+            gate.set()
+            return await burst
+
+        try:
+            responses = asyncio.run(scenario())
+        finally:
+            gate.set()
         codes = sorted(r.status_code for r in responses)
-        assert set(codes) == {200, 503}, codes
+        assert codes == [200] * 3 + [503] * 21, codes
         rejected = next(r for r in responses if r.status_code == 503)
         assert rejected.headers["Retry-After"] == "1" and rejected.json()["code"] == "queue_full"
         assert "at its limit" in rejected.json()["error"]
         assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
-        assert counter(url, "archserve_requests_total", code=503) == codes.count(503)
+        assert counter(url, "archserve_requests_total", code=503) == 21
 
 
 def test_deadline_exceeded_is_504_and_the_server_keeps_serving(exported_repo):
@@ -335,7 +358,10 @@ def test_a_dead_workers_replacement_that_cannot_load_leaves_the_others_serving(o
         assert _first_answer(url, "/health/ready").status_code == 200
         pids = _wait_for_pids(url, 2)
         assert len(pids) == 2
-        time.sleep(1.5)  # the supervisor sees both ready (it checks every 0.5 s)
+        deadline = time.monotonic() + 60  # the supervisor sees both ready (it checks every 0.5 s)
+        while "All 2 workers are ready" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "All 2 workers are ready" in log.read_text(), log.read_text()[-3000:]
         _truncate_model(own_repo)
         victim, survivor = sorted(pids)
         os.kill(int(victim), signal.SIGKILL)
@@ -390,14 +416,22 @@ def test_sigterm_ends_a_rolling_restart_at_once(own_repo, tmp_path):
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(exported_repo):
     port = free_port()
-    proc = _start_service(exported_repo, port, "--max-batch-size", "1")
+    # A long queue delay holds the 10 requests in the queue (a batch of 16 is never full), so all of them are
+    # still in flight when SIGTERM comes, however slowly this machine sends them.
+    proc = _start_service(exported_repo, port, "--max-batch-size", "16", "--max-queue-delay-ms", "5000")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(url, "/health/ready", timeout=120)
 
+        def all_in_flight() -> None:
+            deadline = time.monotonic() + 60
+            while (n := counter(url, "archserve_inflight_requests", model="resnet18")) < 10:
+                assert time.monotonic() < deadline, f"only {n} of 10 requests in flight"
+                time.sleep(0.05)
+
         async def scenario():
             work = asyncio.ensure_future(_burst(url, 10, jpeg()))
-            await asyncio.sleep(0.5)  # requests are in flight and queued
+            await asyncio.to_thread(all_in_flight)  # every request admitted, none answered yet
             proc.send_signal(signal.SIGTERM)
             return await work
 

@@ -78,19 +78,19 @@ def wait_for(predicate, timeout=60.0):
 
 
 def served_versions(url):
-    return [m["version"] for m in httpx.get(f"{url}/models").json()["models"]]
+    return [m["version"] for m in httpx.get(f"{url}/models", timeout=60).json()["models"]]
 
 
 def loads(url, outcome):
     total = 0.0
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
         if line.startswith("archserve_model_loads_total") and f'outcome="{outcome}"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
 
 def test_a_new_version_takes_over_under_load_with_no_failed_request(repo):
-    with running_server(models_dir=repo, poll_interval_s=0.3, request_timeout_s=5, max_batch_size=4) as (url, _):
+    with running_server(models_dir=repo, poll_interval_s=0.3, max_batch_size=4) as (url, _):
         with Traffic(url) as traffic:
             wait_for(lambda: len(traffic.statuses) > 10)
             publish(repo, 2)
@@ -149,7 +149,7 @@ def _external_data_outside(d):
     ids=["truncated", "checksum-mismatch", "bad-manifest", "external-data-outside"],
 )
 def test_a_broken_version_never_replaces_the_working_one(repo, damage):
-    with running_server(models_dir=repo, poll_interval_s=0.3, request_timeout_s=5, admin_token=TOKEN) as (url, _):
+    with running_server(models_dir=repo, poll_interval_s=0.3, admin_token=TOKEN) as (url, _):
         with Traffic(url) as traffic:
             wait_for(lambda: len(traffic.statuses) > 5)
             publish(repo, 2, damage)
@@ -166,7 +166,7 @@ def test_a_broken_version_never_replaces_the_working_one(repo, damage):
 
 
 def test_unload_then_load(repo):
-    with running_server(models_dir=repo, poll_interval_s=0, request_timeout_s=5, admin_token=TOKEN) as (url, _):
+    with running_server(models_dir=repo, poll_interval_s=0, admin_token=TOKEN) as (url, _):
         assert httpx.post(f"{url}/v2/repository/models/resnet18/unload").status_code == 401
         assert httpx.post(f"{url}/v2/repository/models/resnet18/unload", headers=AUTH).status_code == 200
         gone = httpx.post(f"{url}/classify/resnet18", content=jpeg())
