@@ -30,6 +30,28 @@ def counter(url: str, name: str, **labels) -> float:
     return total
 
 
+def until(condition, failure, timeout: float = 20) -> None:
+    """Wait for ``condition()``; after ``timeout`` s (by default under the 30 s request deadline), fail with
+    ``failure()``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure()
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def engine_held(served):
+    """Every run of ``served``'s engine waits until the yielded event is set (it is, on leaving), so requests
+    stay queued behind the one it holds however fast this machine is."""
+    gate = threading.Event()
+    real_run = served.engine.run
+    served.engine.run = lambda batch: (gate.wait(60), real_run(batch))[1]
+    try:
+        yield gate
+    finally:
+        gate.set()
+
+
 async def _burst(url: str, count: int, data: bytes, timeout: float = 120) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=count)) as client:
         return await asyncio.gather(*(client.post(f"{url}/classify/resnet18", content=data) for _ in range(count)))
@@ -41,27 +63,20 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(exported_repo):
     with running_server(device="cpu", models_dir=exported_repo, max_batch_size=1, max_queue_size=2,
                         cpu_lanes=1) as (url, app):
         served = app.state.archserve.models.get("resnet18")
-        gate = threading.Event()
-        real_run = served.engine.run
-        served.engine.run = lambda batch: (gate.wait(60), real_run(batch))[1]
 
-        def refused(count: int) -> None:
-            deadline = time.monotonic() + 20  # under the 30 s request deadline
-            while (n := counter(url, "archserve_requests_total", code=503)) < count:
-                assert time.monotonic() < deadline, f"{n} of {count} refused, queue depth {served.batcher.queue_depth}"
-                time.sleep(0.02)
+        def refused() -> float:
+            return counter(url, "archserve_requests_total", code=503)
 
-        async def scenario():
+        async def scenario(gate):
             burst = asyncio.ensure_future(_burst(url, 24, jpeg()))
-            await asyncio.to_thread(refused, 21)
+            await asyncio.to_thread(until, lambda: refused() >= 21,
+                                    lambda: f"{refused()} of 21 refused, queue depth {served.batcher.queue_depth}")
             assert served.batcher.queue_depth == 2
             gate.set()
             return await burst
 
-        try:
-            responses = asyncio.run(scenario())
-        finally:
-            gate.set()
+        with engine_held(served) as gate:
+            responses = asyncio.run(scenario(gate))
         codes = sorted(r.status_code for r in responses)
         assert codes == [200] * 3 + [503] * 21, codes
         rejected = next(r for r in responses if r.status_code == 503)
@@ -114,44 +129,38 @@ def test_a_disconnected_client_leaves_the_queue(exported_repo):
     # One batch at a time (max_batch_size=1, no CPU lanes): the first request holds the engine, the rest queue.
     with running_server(device="cpu", models_dir=exported_repo, max_batch_size=1, cpu_lanes=1) as (url, app):
         served = app.state.archserve.models.get("resnet18")
-        gate = threading.Event()
-        real_run = served.engine.run
-        served.engine.run = lambda batch: (gate.wait(60), real_run(batch))[1]
         data = jpeg()
         request = (
             f"POST /classify/resnet18 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
             f"Content-Length: {len(data)}\r\n\r\n"
         ).encode() + data
 
-        def until(condition, what: str, timeout: float = 20) -> None:  # under the 30 s request deadline
-            deadline = time.monotonic() + timeout
-            while not condition():
-                assert time.monotonic() < deadline, f"{what}: queue depth {served.batcher.queue_depth}"
-                time.sleep(0.02)
+        def failed(what: str):
+            return lambda: f"{what}: queue depth {served.batcher.queue_depth}"
 
-        async def scenario():
+        async def scenario(gate):
             busy = asyncio.ensure_future(_burst(url, 6, data))  # one runs (held at the gate), five queue
-            await asyncio.to_thread(until, lambda: served.batcher.queue_depth == 5, "the burst never queued")
+            await asyncio.to_thread(until, lambda: served.batcher.queue_depth == 5, failed("the burst never queued"))
             socks = []
             for _ in range(4):
                 s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
                 s.sendall(request)
                 socks.append(s)
-            await asyncio.to_thread(until, lambda: served.batcher.queue_depth == 9, "the 4 clients never queued")
+            await asyncio.to_thread(
+                until, lambda: served.batcher.queue_depth == 9, failed("the 4 clients never queued")
+            )
             for s in socks:
                 s.close()  # gone before their turn
             # They leave while the engine is still held: nothing of theirs waits for a turn.
             await asyncio.to_thread(
-                until, lambda: counter(url, "archserve_requests_total", code=499) == 4, "not all 4 left as 499s"
+                until, lambda: counter(url, "archserve_requests_total", code=499) == 4, failed("not all 4 left as 499s")
             )
             assert served.batcher.queue_depth == 5
             gate.set()
             return await busy
 
-        try:
-            responses = asyncio.run(scenario())
-        finally:
-            gate.set()
+        with engine_held(served) as gate:
+            responses = asyncio.run(scenario(gate))
         assert [r.status_code for r in responses] == [200] * 6
         assert served.batcher.queue_depth == 0
         codes = {code: counter(url, "archserve_requests_total", code=code) for code in (200, 499, 500)}
@@ -423,11 +432,11 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(exported_repo):
     try:
         wait_until(url, "/health/ready", timeout=120)
 
+        def in_flight() -> float:
+            return counter(url, "archserve_inflight_requests", model="resnet18")
+
         def all_in_flight() -> None:
-            deadline = time.monotonic() + 60
-            while (n := counter(url, "archserve_inflight_requests", model="resnet18")) < 10:
-                assert time.monotonic() < deadline, f"only {n} of 10 requests in flight"
-                time.sleep(0.05)
+            until(lambda: in_flight() >= 10, lambda: f"only {in_flight()} of 10 requests in flight", timeout=60)
 
         async def scenario():
             work = asyncio.ensure_future(_burst(url, 10, jpeg()))
