@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import socket
 import gc
+import socket
 import threading
 import time
 
