@@ -3,8 +3,9 @@
 A new version is verified (manifest, sha256 of every file), its session
 created and warmed up, and its batcher started *before* the model table is
 swapped; requests that already hold the old version finish on it, and its
-batcher is drained and its session released after ``retire_after_s`` (the
-request deadline: no request can still be using it by then). A broken version
+batcher is drained and its sessions released after ``retire_after_s`` (the
+request deadline: no request can still be using it by then), and the freed heap
+handed back to the system. A broken version
 never replaces a working one: the failure is logged, counted in
 ``archserve_model_loads_total{outcome="failed"}`` and remembered, so polling
 does not retry it until its folder changes.
@@ -22,6 +23,7 @@ from modelrepo.layout import list_model_names, list_versions
 from modelrepo.manifest import MANIFEST_FILENAME
 
 from .errors import BadRequestError, NotFoundError
+from .memory import resident_bytes, trim_heap
 from .repository import ServedModel, load_model
 from .state import AppState
 
@@ -155,12 +157,22 @@ class Lifecycle:
             self.state.spawn(self._retire(model), daemon=True)
 
     async def _retire(self, model: ServedModel) -> None:
-        """Let requests already holding ``model`` finish, then release its session."""
+        """Let requests already holding ``model`` finish, then release its sessions and give their memory back."""
+        label = f"{model.name} v{model.version}"
         try:
             await asyncio.sleep(self.retire_after_s)
         finally:
             await model.batcher.close(drain=True, timeout=self.state.settings.graceful_shutdown_s)
-            log.info("released %s v%d", model.name, model.version)
+            before = resident_bytes()
+            # The last reference: its sessions (weights, arenas) are freed here, not at a later garbage collection
+            # (test_model_lifecycle.py checks that nothing else holds them).
+            del model
+            await asyncio.to_thread(trim_heap)
+            after = resident_bytes()
+            if before is None or after is None:
+                log.info("released %s", label)
+            else:
+                log.info("released %s: resident memory %d -> %d MiB", label, before >> 20, after >> 20)
 
     async def poll_once(self) -> None:
         repository = self.state.settings.models_dir

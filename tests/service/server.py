@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import socket
 import threading
@@ -13,6 +12,7 @@ import httpx
 import uvicorn
 
 from service.app import create_app
+from service.memory import trim_heap
 from service.settings import Settings
 
 
@@ -50,15 +50,7 @@ def running_server(wait_ready: bool = True, **settings):
         # cycles: without this they wait for a full collection, which came only every few servers, and the
         # test process reached 16-19 GB in test_experiments.py on a 24 GB machine.
         gc.collect()
-        _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    """Give the freed heap back to the system (glibc keeps it for reuse otherwise, per thread arena)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        trim_heap()  # glibc keeps the freed heap for reuse otherwise, per thread arena
 
 
 def wait_until(url: str, path: str, timeout: float = 120.0) -> None:

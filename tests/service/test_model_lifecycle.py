@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
+import logging
 import os
 import shutil
 import threading
 import time
+import weakref
 
 import httpx
 import pytest
@@ -175,6 +179,54 @@ def test_unload_then_load(repo):
         loaded = httpx.post(f"{url}/v2/repository/models/resnet18/load", headers=AUTH, timeout=60)
         assert loaded.status_code == 200 and loaded.json()["versions"] == ["1"]
         assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
+
+
+@contextlib.contextmanager
+def no_garbage_collection():
+    """Only reference counting frees objects meanwhile: what lives in a reference cycle stays."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def held_objects(model) -> dict[str, weakref.ref]:
+    engine = model.engine
+    sessions = {f"session {i}": s for i, s in enumerate([engine.session, *engine._lanes, *engine._by_size.values()])}
+    return {name: weakref.ref(obj) for name, obj in {"engine": engine, "batcher": model.batcher, **sessions}.items()}
+
+
+def wait_freed(refs: dict[str, weakref.ref], timeout: float = 30.0) -> None:
+    try:
+        wait_for(lambda: not any(ref() for ref in refs.values()), timeout)
+    except AssertionError:
+        raise AssertionError(f"not freed {timeout} s on: {[name for name, ref in refs.items() if ref()]}") from None
+
+
+def test_a_retired_version_is_freed_at_once(repo, caplog):
+    """A version replaced by a new one, then one unloaded by hand: once released (the request deadline, 1 s, plus
+    1 s), its engine, batcher and every onnxruntime session are freed with no garbage collection, so its memory
+    goes back when the log says "released", not at some later collection."""
+    with running_server(models_dir=repo, poll_interval_s=0.3, admin_token=TOKEN, request_timeout_s=1.0) as (url, app):
+        state = app.state.archserve
+        caplog.set_level(logging.INFO, logger="service.lifecycle")
+        released = lambda: [r.getMessage() for r in caplog.records if r.getMessage().startswith("released resnet18")]  # noqa: E731
+        with no_garbage_collection():
+            v1 = held_objects(state.models.get("resnet18", 1))
+            assert len(v1) >= 3, v1  # engine, batcher, at least one session
+            assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
+            publish(repo, 2)
+            wait_for(lambda: served_versions(url) == [2])
+            wait_freed(v1)
+
+            v2 = held_objects(state.models.get("resnet18", 2))
+            assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
+            assert httpx.post(f"{url}/v2/repository/models/resnet18/unload", headers=AUTH).status_code == 200
+            wait_freed(v2)
+            wait_for(lambda: len(released()) == 2)
+    assert all(": resident memory " in line for line in released()), released()  # e.g. "1220 -> 325 MiB"
 
 
 def test_admin_repository_endpoints_are_disabled_without_a_token(repo):
