@@ -65,3 +65,30 @@ def wait_until(url: str, path: str, timeout: float = 120.0) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url}{path} not 200 within {timeout}s (last: {last and last.text})")
+
+
+def until(condition, failure, timeout: float = 20) -> None:
+    """Wait for ``condition()``; after ``timeout`` s (by default under the 30 s request deadline), fail with
+    ``failure()``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure()
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def engine_held(served):
+    """Every batch of ``served`` (``run``, and ``run_alone`` for a lone batch on a CPU lane engine) waits until
+    the yielded event is set (it is, on leaving), so requests stay queued behind the ones it holds however fast
+    this machine is. On leaving, the engine runs as before (a shared server's later tests see no gate)."""
+    gate = threading.Event()
+    engine = served.engine
+    for method in ("run", "run_alone"):
+        real = getattr(engine, method)
+        setattr(engine, method, lambda batch, real=real: (gate.wait(60), real(batch))[1])
+    try:
+        yield gate
+    finally:
+        gate.set()
+        for method in ("run", "run_alone"):
+            delattr(engine, method)  # the instance attribute goes; the class's method shows through again

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.images import jpeg
-from tests.service.server import cuda_runs, free_port, running_server, wait_until
+from tests.service.server import cuda_runs, engine_held, free_port, running_server, until, wait_until
 
 
 def counter(url: str, name: str, **labels) -> float:
@@ -28,28 +28,6 @@ def counter(url: str, name: str, **labels) -> float:
             if s.name == name and all(s.labels.get(k) == str(v) for k, v in labels.items()):
                 total += s.value
     return total
-
-
-def until(condition, failure, timeout: float = 20) -> None:
-    """Wait for ``condition()``; after ``timeout`` s (by default under the 30 s request deadline), fail with
-    ``failure()``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, failure()
-        time.sleep(0.02)
-
-
-@contextlib.contextmanager
-def engine_held(served):
-    """Every run of ``served``'s engine waits until the yielded event is set (it is, on leaving), so requests
-    stay queued behind the one it holds however fast this machine is."""
-    gate = threading.Event()
-    real_run = served.engine.run
-    served.engine.run = lambda batch: (gate.wait(60), real_run(batch))[1]
-    try:
-        yield gate
-    finally:
-        gate.set()
 
 
 async def _burst(url: str, count: int, data: bytes, timeout: float = 120) -> list[httpx.Response]:
