@@ -5,8 +5,9 @@ a test holds them together): EXIF orientation, 8-bit RGB with transparency over
 white, shorter side resized with the manifest's filter, centre crop. Two
 additions for serving: only allowlisted formats are parsed, and JPEGs much
 larger than needed are decoded at reduced size in the DCT domain (Pillow's
-draft mode), ~4.5x faster for phone photos. Runs in a thread pool: Pillow
-releases the GIL while decoding and resizing.
+draft mode), ~4.5x faster for phone photos, and the resize computes only the
+pixels the centre crop keeps (``service/resample.py``; the same pixels). Runs
+in a thread pool: Pillow releases the GIL while decoding and resizing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageTooLargeError, InvalidImageError, UnsupportedMediaTypeError
+from .resample import resized_crop
 
 # Formats whose decoders we expose to the network.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -147,13 +149,11 @@ def decode_for(data: bytes, spec: PreprocessSpec, *others: PreprocessSpec) -> li
         for target in (spec, *others):
             key = (target.resize, target.crop, target.interpolation)
             if key not in arrays:
-                # The whole image is resized, then cropped, as the reference does. Resizing only
-                # the crop (resize(box=...)) is ~0.35 ms faster but not equal to it: Pillow takes
-                # the box as float32, and Pillow 13 picks the order of its two 8-bit passes from
-                # the call's geometry, so a box call can round (and clip bicubic overshoot) in
-                # another order than the full resize: up to 13 grey levels (bicubic) apart.
-                resized = img.resize(_shorter_side_size(*img.size, target.resize), RESAMPLE[target.interpolation])
-                arrays[key] = np.asarray(resized.crop(_centre_crop_box(*resized.size, target.crop)), dtype=np.uint8)
+                # Equal to resizing the whole image and then cropping, as the reference does, but
+                # resampling only the pixels the crop keeps where that is exact (service/resample.py).
+                size = _shorter_side_size(*img.size, target.resize)
+                kept = resized_crop(img, size, _centre_crop_box(*size, target.crop), RESAMPLE[target.interpolation])
+                arrays[key] = np.asarray(kept, dtype=np.uint8)
             out.append(arrays[key])
         return out
     except (ImageTooLargeError, InvalidImageError):

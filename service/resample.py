@@ -1,0 +1,150 @@
+"""Resize, then centre-crop: computing only the pixels the crop keeps, equal to Pillow's full resize pixel for pixel.
+
+Preprocessing resizes the whole image (shorter side to ``resize``) and then
+keeps a centre crop; for ResNet's 256 -> 224 that throws away 40% of the
+resized pixels, and the resize is half of what decoding a photo costs. Pillow
+resizes in two one-axis passes (each rounded to 8 bits), so the same result
+can be had from two one-axis ``resize`` calls restricted to the crop, provided
+that each restricted pass computes exactly the coefficients of the full one,
+and that the passes run in the order Pillow's full resize runs them.
+
+* **Order.** Pillow 13 runs the vertical pass first when the height shrinks
+  by more than twice as many pixels as the width (``ImagingResampleInner``,
+  python-pillow/Pillow#9549), else the horizontal pass first. The rule is
+  checked against the installed Pillow at import (``PASS_ORDER_CHECKED``);
+  where it does not hold, every resize is the full one.
+* **Exact coefficients.** A pass restricted to output pixels ``[a, c)`` gets
+  the box ``a*s .. c*s`` (``s`` = input / output size along that axis), which
+  Pillow takes as float32. Its filter centres equal the full pass's, bit for
+  bit, only when ``s`` is a fraction with a power-of-two denominator (the
+  shorter side's scale, ``n / 256``, always is) and the box edges are exact
+  in float32. An axis where that fails is resampled in full and then
+  cropped; where both fail, the full resize runs.
+* **Inputs.** Before each pass the input is cut (exactly: a crop copies) to
+  the lines the kept pixels read, and the box is shifted by the cut; the
+  filter's bounds and weights come out the same because every quantity is
+  exact in double precision.
+
+``tests/service/test_preprocess.py`` compares this with the full resize over
+hundreds of geometries, both pass orders, bilinear and bicubic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["PASS_ORDER_CHECKED", "resized_crop", "vertical_first"]
+
+# Filter supports (Pillow's Resample.c) of the filters this fast path takes; others run the full resize.
+_SUPPORT = {Image.Resampling.BILINEAR: 1.0, Image.Resampling.BICUBIC: 2.0}
+_MAX_DENOMINATOR = 1 << 16
+
+
+def vertical_first(width: int, height: int, out_width: int, out_height: int) -> bool:
+    """Whether Pillow's resize of a ``width`` x ``height`` image to ``out_width`` x ``out_height`` runs its
+    vertical pass first: when the height shrinks by more than twice as many pixels as the width."""
+    return height - out_height > 0 and height - out_height > 2 * (width - out_width)
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One axis: ``size`` input pixels resized to ``out`` and kept ``[start, stop)`` of the output."""
+
+    size: int
+    out: int
+    start: int
+    stop: int
+    support: float
+
+    @property
+    def scale(self) -> float:
+        return self.size / self.out
+
+    @property
+    def exact(self) -> bool:
+        """A pass restricted to ``[start, stop)`` by a box computes the full pass's coefficients bit for bit."""
+        scale = Fraction(self.size, self.out)
+        if scale.denominator & (scale.denominator - 1) or scale.denominator > _MAX_DENOMINATOR:
+            return False  # not a power-of-two fraction: the box's centres would round differently
+        edges = (self.start * self.scale, self.stop * self.scale)
+        if any(float(np.float32(edge)) != edge or Fraction(edge) != k * scale
+               for edge, k in zip(edges, (self.start, self.stop))):
+            return False
+        width = float(np.float32(edges[1]) - np.float32(edges[0]))  # as Pillow subtracts them, in float32
+        return width / (self.stop - self.start) == self.scale
+
+    def reads(self) -> tuple[int, int]:
+        """The input lines that output pixels ``[start, stop)`` read: Pillow's bounds, computed as it does."""
+        support = self.support * max(self.scale, 1.0)
+        first = int((self.start + 0.5) * self.scale - support + 0.5)
+        last = int((self.stop - 1 + 0.5) * self.scale + support + 0.5)
+        return max(first, 0), min(last, self.size)
+
+
+def resized_crop(img: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int],
+                 resample: Image.Resampling) -> Image.Image:
+    """``img.resize(size, resample).crop(box)``, equal pixel for pixel, resampling only what the crop keeps where
+    that is exact (module docstring)."""
+    support = _SUPPORT.get(resample)
+    width, height = img.size
+    left, top, right, bottom = box
+    if (support is None or not PASS_ORDER_CHECKED or img.mode not in ("RGB", "L")
+            or not (0 <= left < right <= size[0] and 0 <= top < bottom <= size[1])):
+        return img.resize(size, resample).crop(box)
+    x = _Span(width, size[0], left, right, support)
+    y = _Span(height, size[1], top, bottom, support)
+    if not (x.exact or y.exact):
+        return img.resize(size, resample).crop(box)
+
+    # Cut the input to the lines the kept pixels read, along each axis whose pass is restricted.
+    x0, x1 = x.reads() if x.exact else (0, width)
+    y0, y1 = y.reads() if y.exact else (0, height)
+    if (x0, y0, x1, y1) != (0, 0, width, height):
+        img = img.crop((x0, y0, x1, y1))
+
+    def horizontal(im: Image.Image) -> Image.Image:
+        rows = im.size[1]
+        if x.exact:  # vertical untouched: Pillow runs the horizontal pass alone
+            return im.resize((right - left, rows), resample,
+                             box=(left * x.scale - x0, 0, right * x.scale - x0, rows))
+        return im.resize((size[0], rows), resample).crop((left, 0, right, rows))
+
+    def vertical(im: Image.Image) -> Image.Image:
+        columns = im.size[0]
+        if y.exact:
+            return im.resize((columns, bottom - top), resample,
+                             box=(0, top * y.scale - y0, columns, bottom * y.scale - y0))
+        return im.resize((columns, size[1]), resample).crop((0, top, columns, bottom))
+
+    if vertical_first(width, height, *size):
+        return horizontal(vertical(img))
+    return vertical(horizontal(img))
+
+
+def _check_pass_order() -> bool:
+    """Whether the installed Pillow orders its passes as ``vertical_first`` says, on either side of its rule's
+    threshold (noise, bicubic: the two orders round differently)."""
+    rng = np.random.default_rng(0)
+    # (width, height, out width, out height): height shrinks by 2x+1, 2x and 2x-1 the width's pixels, and less.
+    for geometry in ((40, 61, 30, 40), (40, 60, 30, 40), (40, 59, 30, 40), (61, 40, 40, 30), (30, 200, 20, 50)):
+        width, height, out_width, out_height = geometry
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        full = np.asarray(img.resize((out_width, out_height), Image.Resampling.BICUBIC))
+        by_rows = img.resize((out_width, height), Image.Resampling.BICUBIC)
+        horizontal_first = np.asarray(by_rows.resize((out_width, out_height), Image.Resampling.BICUBIC))
+        by_columns = img.resize((width, out_height), Image.Resampling.BICUBIC)
+        vertical_then = np.asarray(by_columns.resize((out_width, out_height), Image.Resampling.BICUBIC))
+        if np.array_equal(horizontal_first, vertical_then):
+            return False  # this probe cannot tell the orders apart: trust nothing
+        expected = vertical_then if vertical_first(*geometry) else horizontal_first
+        if not np.array_equal(full, expected):
+            return False
+    return True
+
+
+# Checked once, at import (a few milliseconds): a Pillow that orders its passes otherwise gets the full resize.
+PASS_ORDER_CHECKED = _check_pass_order()

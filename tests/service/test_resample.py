@@ -1,0 +1,110 @@
+"""Resize-then-crop restricted to the crop (service/resample.py) against Pillow's full resize, pixel for pixel."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import resample
+from service.preprocess import _centre_crop_box, _shorter_side_size
+from service.resample import _Span, resized_crop, vertical_first
+
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# (resize, crop): ResNet's, Inception v3's, and a few others.
+TARGETS = [(256, 224), (342, 299), (232, 224), (256, 256), (128, 112), (299, 299)]
+PHOTOS = [(500, 375), (375, 500), (1008, 756), (756, 1008), (640, 480), (300, 1200), (1200, 300), (512, 512)]
+
+
+def full(img, size, box, resample_filter):
+    return np.asarray(img.resize(size, resample_filter).crop(box))
+
+
+def noise(width: int, height: int, seed: int) -> Image.Image:
+    """Noise: every coefficient and every rounding shows in the output."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def geometries(count: int, seed: int = 0):
+    rng = random.Random(seed)
+    for i in range(count):
+        width, height = rng.choice(PHOTOS) if i % 4 == 0 else (rng.randint(16, 1400), rng.randint(16, 1400))
+        yield i, width, height, rng.choice(TARGETS), rng.choice(sorted(FILTERS))
+
+
+def resizes(monkeypatch) -> list[tuple[int, int]]:
+    """The sizes every ``Image.resize`` call makes, from now on."""
+    made = []
+    real = Image.Image.resize
+
+    def recorded(self, size, *args, **kwargs):
+        made.append(tuple(size))
+        return real(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+    return made
+
+
+def test_the_installed_pillow_orders_its_passes_as_the_rule_says():
+    """Else the restricted passes are switched off (every resize is the full one); this says so in CI."""
+    assert resample.PASS_ORDER_CHECKED
+
+
+def test_equals_the_full_resize_for_every_geometry():
+    cases = Counter()
+    for i, width, height, (resize, crop), name in geometries(400):
+        img = noise(width, height, i)
+        size = _shorter_side_size(width, height, resize)
+        box = _centre_crop_box(*size, crop)
+        ours = np.asarray(resized_crop(img, size, box, FILTERS[name]))
+        np.testing.assert_array_equal(ours, full(img, size, box, FILTERS[name]),
+                                      err_msg=f"{width}x{height} -> {size}, crop {box}, {name}")
+        if 0 <= box[0] and 0 <= box[1]:
+            cases[(vertical_first(width, height, *size), _Span(width, size[0], box[0], box[2], 1.0).exact,
+                   _Span(height, size[1], box[1], box[3], 1.0).exact)] += 1
+    # Each way through the code ran: both pass orders, a restricted horizontal pass, vertical pass, or both.
+    for order in (False, True):
+        assert cases[(order, True, False)] >= 5 and cases[(order, True, True)] >= 5, cases
+    assert cases[(False, False, True)] >= 20, cases
+
+
+def test_a_landscape_photo_is_resampled_only_where_the_crop_keeps_it(monkeypatch):
+    """500x375 to 341x256, crop 224: the vertical pass makes only the 224x224 kept pixels, and no call makes the
+    whole 341x256 image."""
+    made = resizes(monkeypatch)
+    img = noise(500, 375, 0)
+    ours = np.asarray(resized_crop(img, (341, 256), (58, 16, 282, 240), Image.Resampling.BILINEAR))
+    assert (341, 256) not in made and made[-1] == (224, 224), made
+    monkeypatch.undo()
+    np.testing.assert_array_equal(ours, full(img, (341, 256), (58, 16, 282, 240), Image.Resampling.BILINEAR))
+
+
+@pytest.mark.parametrize("box", [(58, 16, 282, 240), (-10, -10, 300, 300)], ids=["inside", "outside"])
+def test_other_filters_and_crops_outside_the_image_get_the_full_resize(box):
+    img = noise(500, 375, 1)
+    for resample_filter in (Image.Resampling.NEAREST, Image.Resampling.LANCZOS, Image.Resampling.BILINEAR):
+        np.testing.assert_array_equal(np.asarray(resized_crop(img, (341, 256), box, resample_filter)),
+                                      full(img, (341, 256), box, resample_filter))
+
+
+def test_the_pass_order_check_catches_a_wrong_rule(monkeypatch):
+    monkeypatch.setattr(resample, "vertical_first", lambda *geometry: not vertical_first(*geometry))
+    assert resample._check_pass_order() is False
+
+
+def test_without_a_checked_pass_order_every_resize_is_the_full_one(monkeypatch):
+    monkeypatch.setattr(resample, "PASS_ORDER_CHECKED", False)
+    made = resizes(monkeypatch)
+    resized_crop(noise(500, 375, 2), (341, 256), (58, 16, 282, 240), Image.Resampling.BILINEAR)
+    assert made == [(341, 256)]
+
+
+def test_a_pass_is_restricted_only_where_its_box_is_exact():
+    assert _Span(375, 256, 16, 240, 1.0).exact  # 375/256: a power-of-two fraction, edges exact in float32
+    assert not _Span(500, 341, 58, 282, 1.0).exact  # 500/341: the box's edges would round
+    assert not _Span(1000, 3, 0, 3, 1.0).exact  # edges exact (0, 1000), but centres (n + 0.5) * 1000/3 round
+    # bicubic, support s = 2 * 375/256: rows int(16.5 * 375/256 - s + 0.5) = 21 to int(239.5 * 375/256 + s + 0.5) = 354
+    assert _Span(375, 256, 16, 240, 2.0).reads() == (21, 354)
