@@ -10,9 +10,10 @@ and that the passes run in the order Pillow's full resize runs them.
 
 * **Order.** Pillow 13 runs the vertical pass first when the height shrinks
   by more than twice as many pixels as the width (``ImagingResampleInner``,
-  python-pillow/Pillow#9549), else the horizontal pass first. The rule is
-  checked against the installed Pillow at import (``PASS_ORDER_CHECKED``);
-  where it does not hold, every resize is the full one.
+  python-pillow/Pillow#9549), else the horizontal pass first; earlier
+  releases always run the horizontal pass first. Which rule the installed
+  Pillow follows is found at import (``vertical_first``); where neither
+  holds, every resize is the full one.
 * **Exact coefficients.** A pass restricted to output pixels ``[a, c)`` gets
   the box ``a*s .. c*s`` (``s`` = input / output size along that axis), which
   Pillow takes as float32. Its filter centres equal the full pass's, bit for
@@ -37,17 +38,26 @@ from fractions import Fraction
 import numpy as np
 from PIL import Image
 
-__all__ = ["PASS_ORDER_CHECKED", "resized_crop", "vertical_first"]
+__all__ = ["KNOWN_ORDERS", "resized_crop", "vertical_first"]
 
 # Filter supports (Pillow's Resample.c) of the filters this fast path takes; others run the full resize.
 _SUPPORT = {Image.Resampling.BILINEAR: 1.0, Image.Resampling.BICUBIC: 2.0}
 _MAX_DENOMINATOR = 1 << 16
 
 
-def vertical_first(width: int, height: int, out_width: int, out_height: int) -> bool:
-    """Whether Pillow's resize of a ``width`` x ``height`` image to ``out_width`` x ``out_height`` runs its
-    vertical pass first: when the height shrinks by more than twice as many pixels as the width."""
+def _vertical_first_9549(width: int, height: int, out_width: int, out_height: int) -> bool:
+    """Pillow 13 (python-pillow/Pillow#9549): the vertical pass first when the height shrinks by more than twice
+    as many pixels as the width."""
     return height - out_height > 0 and height - out_height > 2 * (width - out_width)
+
+
+def _horizontal_always(width: int, height: int, out_width: int, out_height: int) -> bool:
+    """Pillow before 13: always the horizontal pass first."""
+    return False
+
+
+# The pass orders of the Pillow releases this module knows; the installed one is found at import.
+KNOWN_ORDERS = (_vertical_first_9549, _horizontal_always)
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ def resized_crop(img: Image.Image, size: tuple[int, int], box: tuple[int, int, i
     support = _SUPPORT.get(resample)
     width, height = img.size
     left, top, right, bottom = box
-    if (support is None or not PASS_ORDER_CHECKED or img.mode not in ("RGB", "L")
+    if (support is None or vertical_first is None or img.mode != "RGB"
             or not (0 <= left < right <= size[0] and 0 <= top < bottom <= size[1])):
         return img.resize(size, resample).crop(box)
     x = _Span(width, size[0], left, right, support)
@@ -125,26 +135,30 @@ def resized_crop(img: Image.Image, size: tuple[int, int], box: tuple[int, int, i
     return vertical(horizontal(img))
 
 
-def _check_pass_order() -> bool:
-    """Whether the installed Pillow orders its passes as ``vertical_first`` says, on either side of its rule's
-    threshold (noise, bicubic: the two orders round differently)."""
+def _installed_pass_order():
+    """The rule of ``KNOWN_ORDERS`` that the installed Pillow follows, on either side of each rule's threshold
+    (noise, bicubic: the two orders round differently), or None."""
     rng = np.random.default_rng(0)
+    probes = []
     # (width, height, out width, out height): height shrinks by 2x+1, 2x and 2x-1 the width's pixels, and less.
     for geometry in ((40, 61, 30, 40), (40, 60, 30, 40), (40, 59, 30, 40), (61, 40, 40, 30), (30, 200, 20, 50)):
         width, height, out_width, out_height = geometry
         img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
         full = np.asarray(img.resize((out_width, out_height), Image.Resampling.BICUBIC))
         by_rows = img.resize((out_width, height), Image.Resampling.BICUBIC)
-        horizontal_first = np.asarray(by_rows.resize((out_width, out_height), Image.Resampling.BICUBIC))
+        horizontal_then = np.asarray(by_rows.resize((out_width, out_height), Image.Resampling.BICUBIC))
         by_columns = img.resize((width, out_height), Image.Resampling.BICUBIC)
         vertical_then = np.asarray(by_columns.resize((out_width, out_height), Image.Resampling.BICUBIC))
-        if np.array_equal(horizontal_first, vertical_then):
-            return False  # this probe cannot tell the orders apart: trust nothing
-        expected = vertical_then if vertical_first(*geometry) else horizontal_first
-        if not np.array_equal(full, expected):
-            return False
-    return True
+        if np.array_equal(horizontal_then, vertical_then):
+            return None  # this probe cannot tell the orders apart: trust no rule
+        if np.array_equal(full, vertical_then):
+            probes.append((geometry, True))
+        elif np.array_equal(full, horizontal_then):
+            probes.append((geometry, False))
+        else:
+            return None  # neither order: not two one-axis passes as this module assumes
+    return next((rule for rule in KNOWN_ORDERS if all(rule(*g) == first for g, first in probes)), None)
 
 
-# Checked once, at import (a few milliseconds): a Pillow that orders its passes otherwise gets the full resize.
-PASS_ORDER_CHECKED = _check_pass_order()
+# Found once, at import (a few milliseconds): with a Pillow that follows no known rule, every resize is the full one.
+vertical_first = _installed_pass_order()
