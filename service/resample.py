@@ -14,20 +14,25 @@ and that the passes run in the order Pillow's full resize runs them.
   releases always run the horizontal pass first. Which rule the installed
   Pillow follows is found at import (``vertical_first``); where neither
   holds, every resize is the full one.
-* **Exact coefficients.** A pass restricted to output pixels ``[a, c)`` gets
-  the box ``a*s .. c*s`` (``s`` = input / output size along that axis), which
-  Pillow takes as float32. Its filter centres equal the full pass's, bit for
-  bit, only when ``s`` is a fraction with a power-of-two denominator (the
-  shorter side's scale, ``n / 256``, always is) and the box edges are exact
-  in float32. An axis where that fails is resampled in full and then
-  cropped; where both fail, the full resize runs.
-* **Inputs.** Before each pass the input is cut (exactly: a crop copies) to
-  the lines the kept pixels read, and the box is shifted by the cut; the
-  filter's bounds and weights come out the same because every quantity is
-  exact in double precision.
+* **Exact coefficients.** A pass restricted to output pixels ``[a, c)`` of
+  an axis scaled by ``s`` (input / output size) gets the box ``a*s .. c*s``,
+  shifted by the lines cut off the input before it (below); Pillow takes the
+  box as float32. Its filter centres, bounds and weights equal the full
+  pass's, bit for bit, when ``s`` is a fraction with a power-of-two
+  denominator and ``a*s``, ``c*s`` are exact in float32 (then so are the
+  shifted edges, which are smaller): every quantity ``precompute_coeffs``
+  computes is then exact in double precision. A sufficient condition, not a
+  necessary one; with ``resize`` 256 the shorter side's scale, ``n / 256``,
+  always meets it, while Inception v3's 342 rarely does. An axis that does
+  not is resampled in full and then cropped; where neither does, the full
+  resize runs.
+* **Inputs.** Before the passes the input is cut (exactly: a crop copies) to
+  the lines the kept pixels read along each restricted axis, and the boxes
+  are shifted by the cut; Pillow's bounds move by the same whole number of
+  lines, and its clamps at 0 and at the image's edge fall on the same lines.
 
-``tests/service/test_preprocess.py`` compares this with the full resize over
-hundreds of geometries, both pass orders, bilinear and bicubic.
+``tests/service/test_resample.py`` compares this with the full resize over
+hundreds of geometries and boxes, both pass orders, bilinear and bicubic.
 """
 
 from __future__ import annotations
@@ -79,13 +84,9 @@ class _Span:
         """A pass restricted to ``[start, stop)`` by a box computes the full pass's coefficients bit for bit."""
         scale = Fraction(self.size, self.out)
         if scale.denominator & (scale.denominator - 1) or scale.denominator > _MAX_DENOMINATOR:
-            return False  # not a power-of-two fraction: the box's centres would round differently
-        edges = (self.start * self.scale, self.stop * self.scale)
-        if any(float(np.float32(edge)) != edge or Fraction(edge) != k * scale
-               for edge, k in zip(edges, (self.start, self.stop))):
-            return False
-        width = float(np.float32(edges[1]) - np.float32(edges[0]))  # as Pillow subtracts them, in float32
-        return width / (self.stop - self.start) == self.scale
+            return False  # not a power-of-two fraction: a shifted box's centres can round differently
+        # Both edges exact in float32 (then so is their difference, which Pillow divides by the output size).
+        return all(float(np.float32(k * self.scale)) == k * scale for k in (self.start, self.stop))
 
     def reads(self) -> tuple[int, int]:
         """The input lines that output pixels ``[start, stop)`` read: Pillow's bounds, computed as it does."""
@@ -101,7 +102,9 @@ def resized_crop(img: Image.Image, size: tuple[int, int], box: tuple[int, int, i
     that is exact (module docstring)."""
     support = _SUPPORT.get(resample)
     width, height = img.size
-    left, top, right, bottom = box
+    if any(edge != int(edge) for edge in box):  # a fractional box: Pillow's crop rounds it; leave that to it
+        return img.resize(size, resample).crop(box)
+    left, top, right, bottom = (int(edge) for edge in box)
     if (support is None or vertical_first is None or img.mode != "RGB"
             or not (0 <= left < right <= size[0] and 0 <= top < bottom <= size[1])):
         return img.resize(size, resample).crop(box)

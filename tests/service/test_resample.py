@@ -126,6 +126,61 @@ def test_without_a_known_pass_order_every_resize_is_the_full_one(monkeypatch):
 def test_a_pass_is_restricted_only_where_its_box_is_exact():
     assert _Span(375, 256, 16, 240, 1.0).exact  # 375/256: a power-of-two fraction, edges exact in float32
     assert not _Span(500, 341, 58, 282, 1.0).exact  # 500/341: the box's edges would round
-    assert not _Span(1000, 3, 0, 3, 1.0).exact  # edges exact (0, 1000), but centres (n + 0.5) * 1000/3 round
+    # 2812/1100: both edges exact (1406, 2812), but the shifted centres 1406 + (n + 0.5) * 2812/1100 round unlike
+    # (550 + n + 0.5) * 2812/1100, and some integer coefficients come out 1/2^22 apart.
+    assert not _Span(2812, 1100, 550, 1100, 2.0).exact
     # bicubic, support s = 2 * 375/256: rows int(16.5 * 375/256 - s + 0.5) = 21 to int(239.5 * 375/256 + s + 0.5) = 354
     assert _Span(375, 256, 16, 240, 2.0).reads() == (21, 354)
+
+
+def boxes(rng: random.Random, width: int, height: int):
+    """Any box inside a ``width`` x ``height`` output: anywhere, 1 pixel, touching an edge, the whole of it."""
+    left, top = rng.randrange(width), rng.randrange(height)
+    yield left, top, rng.randint(left + 1, width), rng.randint(top + 1, height)
+    yield left, top, left + 1, top + 1
+    yield 0, top, rng.randint(1, width), height
+    yield 0, 0, width, height
+
+
+def test_equals_the_full_resize_for_any_box_and_odd_sizes():
+    """Not only centre crops of photos: tiny and very thin images, 1-pixel outputs, upscaling."""
+    rng = random.Random(2)
+    sizes = [((3000, 5), (750, 5)), ((5, 3000), (5, 750)), ((3000, 5), (6000, 10)), ((1, 1), (256, 256)),
+             ((2, 2), (1, 1)), ((7, 300), (1, 64)), ((640, 480), (512, 384)), ((300, 200), (1024, 256))]
+    for _ in range(40):
+        width, height = rng.randint(1, 600), rng.randint(1, 600)
+        sizes.append(((width, height), (rng.choice([rng.randint(1, 700), width * 2, max(1, width // 4)]),
+                                        rng.choice([256, 128, rng.randint(1, 700)]))))
+    for i, ((width, height), size) in enumerate(sizes):
+        img = noise(width, height, i)
+        for box in boxes(rng, *size):
+            for name, resample_filter in FILTERS.items():
+                np.testing.assert_array_equal(np.asarray(resized_crop(img, size, box, resample_filter)),
+                                              full(img, size, box, resample_filter),
+                                              err_msg=f"{width}x{height} -> {size}, box {box}, {name}")
+
+
+def test_a_box_in_floats_is_taken_as_the_plain_crop_takes_it():
+    img = noise(500, 375, 3)
+    for box in ((58.0, 16.0, 282.0, 240.0), (58.4, 16.0, 282.4, 240.0)):
+        np.testing.assert_array_equal(np.asarray(resized_crop(img, (341, 256), box, Image.Resampling.BILINEAR)),
+                                      full(img, (341, 256), box, Image.Resampling.BILINEAR))
+
+
+def test_each_pass_reads_only_the_lines_the_crop_needs(monkeypatch):
+    """What the speed-up rests on: the first pass gets the input cut to the kept pixels' lines along each
+    restricted axis (landscape 500x375: rows; a tall 300x1000, vertical pass first: columns)."""
+    inputs = []
+    real = Image.Image.resize
+
+    def recorded(self, size, *args, **kwargs):
+        inputs.append(self.size)
+        return real(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+    resized_crop(noise(500, 375, 4), (341, 256), (58, 16, 282, 240), Image.Resampling.BILINEAR)
+    assert inputs[0] == (500, 329), inputs  # rows 23..352 of 375: what output rows 16..240 read
+    inputs.clear()
+    assert vertical_first(300, 1000, 256, 853)
+    resized_crop(noise(300, 1000, 5), (256, 853), (16, 314, 240, 538), Image.Resampling.BILINEAR)
+    assert inputs[0][0] < 300 and inputs[0][1] == 1000, inputs  # columns cut; rows not (1000/853 is not exact)
