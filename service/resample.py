@@ -12,8 +12,9 @@ and that the passes run in the order Pillow's full resize runs them.
   by more than twice as many pixels as the width (``ImagingResampleInner``,
   python-pillow/Pillow#9549), else the horizontal pass first; earlier
   releases always run the horizontal pass first. Which rule the installed
-  Pillow follows is found at import (``vertical_first``); where neither
-  holds, every resize is the full one.
+  Pillow follows is found at import (``vertical_first``), and the restricted
+  passes are checked against its full resize on a few small images; where
+  either fails, every resize is the full one.
 * **Exact coefficients.** A pass restricted to output pixels ``[a, c)`` of
   an axis scaled by ``s`` (input / output size) gets the box ``a*s .. c*s``,
   shifted by the lines cut off the input before it (below); Pillow takes the
@@ -163,5 +164,26 @@ def _installed_pass_order():
     return next((rule for rule in KNOWN_ORDERS if all(rule(*g) == first for g, first in probes)), None)
 
 
-# Found once, at import (a few milliseconds): with a Pillow that follows no known rule, every resize is the full one.
+def _agrees_with_pillow() -> bool:
+    """Restricted passes equal the full resize on a few small photos' geometries (both pass orders, each axis
+    restricted), with the installed Pillow: a release that changed how it computes its coefficients shows here."""
+    rng = np.random.default_rng(1)
+    for (width, height), size, box in (
+        ((100, 75), (85, 64), (10, 4, 66, 60)),  # horizontal pass first, rows restricted
+        ((64, 300), (64, 300), (4, 20, 60, 280)),  # no resize: copies
+        ((96, 400), (64, 266), (4, 105, 60, 161)),  # vertical pass first, columns restricted
+        ((96, 128), (48, 64), (0, 5, 48, 59)),  # both axes restricted
+    ):
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for resample in _SUPPORT:
+            if not np.array_equal(np.asarray(resized_crop(img, size, box, resample)),
+                                  np.asarray(img.resize(size, resample).crop(box))):
+                return False
+    return True
+
+
+# Found once, at import (a few milliseconds): with a Pillow that follows no known rule, or whose restricted passes
+# differ from its full resize, every resize is the full one.
 vertical_first = _installed_pass_order()
+if vertical_first is not None and not _agrees_with_pillow():
+    vertical_first = None

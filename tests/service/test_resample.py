@@ -184,3 +184,11 @@ def test_each_pass_reads_only_the_lines_the_crop_needs(monkeypatch):
     assert vertical_first(300, 1000, 256, 853)
     resized_crop(noise(300, 1000, 5), (256, 853), (16, 314, 240, 538), Image.Resampling.BILINEAR)
     assert inputs[0][0] < 300 and inputs[0][1] == 1000, inputs  # columns cut; rows not (1000/853 is not exact)
+
+
+def test_restricted_passes_that_disagree_with_pillow_are_found_out(monkeypatch):
+    """The import-time self-test: a restricted pass one input line off (as if Pillow computed its bounds otherwise)
+    switches the fast path off."""
+    assert resample._agrees_with_pillow()
+    monkeypatch.setattr(_Span, "reads", lambda span: (max(0, int((span.start + 0.5) * span.scale) - 1), span.size))
+    assert not resample._agrees_with_pillow()
