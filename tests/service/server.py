@@ -46,9 +46,10 @@ def running_server(wait_ready: bool = True, **settings):
         server.should_exit = True
         thread.join(timeout=30)
         del app
-        # A stopped server's models (onnxruntime sessions, GBs for the experiment models) are in reference
-        # cycles: without this they wait for a full collection, which came only every few servers, and the
-        # test process reached 16-19 GB in test_experiments.py on a 24 GB machine.
+        # A stopped server's app sits in reference cycles (its routes, its state), and its models (onnxruntime
+        # sessions, GBs for the experiment models) with it: without this they wait for a full collection, which
+        # came only every few servers, and the test process reached 16-19 GB in test_experiments.py on a 24 GB
+        # machine. (A version retired while the server runs is freed at once: test_model_lifecycle.py.)
         gc.collect()
         trim_heap()  # glibc keeps the freed heap for reuse otherwise, per thread arena
 

@@ -35,13 +35,13 @@ def geometries(count: int, seed: int = 0):
         yield i, width, height, rng.choice(TARGETS), rng.choice(sorted(FILTERS))
 
 
-def resizes(monkeypatch) -> list[tuple[int, int]]:
-    """The sizes every ``Image.resize`` call makes, from now on."""
+def resizes(monkeypatch) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(input size, output size) of every ``Image.resize`` call, from now on."""
     made = []
     real = Image.Image.resize
 
     def recorded(self, size, *args, **kwargs):
-        made.append(tuple(size))
+        made.append((self.size, tuple(size)))
         return real(self, size, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "resize", recorded)
@@ -79,7 +79,8 @@ def test_a_landscape_photo_is_resampled_only_where_the_crop_keeps_it(monkeypatch
     made = resizes(monkeypatch)
     img = noise(500, 375, 0)
     ours = np.asarray(resized_crop(img, (341, 256), (58, 16, 282, 240), Image.Resampling.BILINEAR))
-    assert (341, 256) not in made and made[-1] == (224, 224), made
+    outputs = [output for _, output in made]
+    assert (341, 256) not in outputs and outputs[-1] == (224, 224), made
     monkeypatch.undo()
     np.testing.assert_array_equal(ours, full(img, (341, 256), (58, 16, 282, 240), Image.Resampling.BILINEAR))
 
@@ -120,7 +121,7 @@ def test_without_a_known_pass_order_every_resize_is_the_full_one(monkeypatch):
     monkeypatch.setattr(resample, "vertical_first", None)
     made = resizes(monkeypatch)
     resized_crop(noise(500, 375, 2), (341, 256), (58, 16, 282, 240), Image.Resampling.BILINEAR)
-    assert made == [(341, 256)]
+    assert made == [((500, 375), (341, 256))]
 
 
 def test_a_pass_is_restricted_only_where_its_box_is_exact():
@@ -170,20 +171,14 @@ def test_a_box_in_floats_is_taken_as_the_plain_crop_takes_it():
 def test_each_pass_reads_only_the_lines_the_crop_needs(monkeypatch):
     """What the speed-up rests on: the first pass gets the input cut to the kept pixels' lines along each
     restricted axis (landscape 500x375: rows; a tall 300x1000, vertical pass first: columns)."""
-    inputs = []
-    real = Image.Image.resize
-
-    def recorded(self, size, *args, **kwargs):
-        inputs.append(self.size)
-        return real(self, size, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "resize", recorded)
+    made = resizes(monkeypatch)
     resized_crop(noise(500, 375, 4), (341, 256), (58, 16, 282, 240), Image.Resampling.BILINEAR)
-    assert inputs[0] == (500, 329), inputs  # rows 23..352 of 375: what output rows 16..240 read
-    inputs.clear()
+    assert made[0][0] == (500, 329), made  # rows 23..352 of 375: what output rows 16..240 read
+    made.clear()
     assert vertical_first(300, 1000, 256, 853)
     resized_crop(noise(300, 1000, 5), (256, 853), (16, 314, 240, 538), Image.Resampling.BILINEAR)
-    assert inputs[0][0] < 300 and inputs[0][1] == 1000, inputs  # columns cut; rows not (1000/853 is not exact)
+    first_input = made[0][0]
+    assert first_input[0] < 300 and first_input[1] == 1000, made  # columns cut; rows not (1000/853 is not exact)
 
 
 def test_restricted_passes_that_disagree_with_pillow_are_found_out(monkeypatch):
