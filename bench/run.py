@@ -13,7 +13,8 @@ For each model (default resnet50 then resnet18):
 
 The four steps run for every model, and all of that ``--repeats`` times
 (default 3), one repeat after the other. Each target is judged on its median
-repeat (``judge``): with three, it passes when it passed in two of them. On a
+repeat (``judge``): with three, it passes when it passed in two of them (a
+repeat whose step failed counts against it). On a
 shared 2-core VM one repeat's e2e / raw ratio moves by a few percent from the
 machine alone (the engine alone moves up to 5% between its two timings), as
 much as some targets' margins; the table shows every repeat and how many met
@@ -24,7 +25,7 @@ not exited after a timeout). The models are exported into ``--models-dir``
 first if missing. Everything is written to ``bench/results/<date>-<host>.json``
 and summarised as markdown tables with the targets' pass/fail.
 
-    python -m bench.run                 # 3 repeats of 20 s load points: ~14 minutes on 2 cores
+    python -m bench.run                 # 3 repeats of 20 s load points: ~14 minutes on 2 cores, more on a busy one
     python -m bench.run --repeats 1     # one repeat: ~4.6 minutes
     python -m bench.run --quick         # a smoke run of under 2 minutes (one repeat)
     python -m bench.run --duration 30 --models resnet50 --server-arg=--max-queue-delay-ms=2
@@ -36,6 +37,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import socket
@@ -221,8 +223,9 @@ class NoiseGuard:
     Before each step it waits (``settle_s`` at most) for the machine to be
     quiet; a measurement during which other processes used more than
     ``threshold`` cores is taken again, up to ``retries`` times, keeping the
-    cleanest. All the waiting and re-measuring together stops once
-    ``budget_s`` is spent, so a busy machine makes the run noisier, not endless.
+    cleanest. Once ``budget_s`` has passed since the guard was made (one per
+    repeat), there is no more waiting or re-measuring, so a busy machine makes
+    the run noisier, not endless.
     """
 
     def __init__(self, budget_s: float, settle_s: float, retries: int, threshold: float = 0.15) -> None:
@@ -535,16 +538,17 @@ def judge(repeats: list[list[dict]]) -> list[dict]:
     The repeats are ranked by ``margin`` and the verdict, measurement and margin are those of the median one
     (with an even count, the lower of the two middle ones). With an odd count that is a majority vote: the
     target passes when it passed in more than half of the repeats. ``repeats`` keeps every repeat's
-    measurement and ``passed`` how many of the ``of`` repeats met it. Repeats in which a step failed (no
-    margin) are listed but not ranked."""
+    measurement and ``passed`` how many of the ``of`` repeats met it. A repeat in which a step failed (no
+    margin) ranks below every measured one, so it counts against the target: when the median lands on one,
+    the target is not judged (``pass`` None), never passed on a minority of measured repeats."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for checks in repeats:
         for check in checks:
             groups.setdefault((check["model"], check["target"]), []).append(check)
     out = []
     for group in groups.values():
-        ranked = sorted((c for c in group if c.get("margin") is not None), key=lambda c: c["margin"])
-        median = ranked[(len(ranked) - 1) // 2] if ranked else {**group[0], "pass": None, "margin": None}
+        ranked = sorted(group, key=lambda c: -math.inf if c.get("margin") is None else c["margin"])
+        median = ranked[(len(ranked) - 1) // 2]
         out.append({**median, "repeats": [c["measured"] for c in group],
                     "passed": sum(c["pass"] is True for c in group), "of": len(group)})
     return out
@@ -671,8 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "machine to stop (default 60; --quick 10)")
     p.add_argument("--retries", type=int, help="re-measure a point during which other work used > 0.15 cores, "
                    "this many times at most (default 2; --quick 0)")
-    p.add_argument("--noise-budget-s", type=float, help="total seconds spent waiting for quiet and re-measuring "
-                   "(default 600; --quick 30)")
+    p.add_argument("--noise-budget-s", type=float, help="per repeat: once this many seconds have passed since "
+                   "the repeat began, no more waiting for quiet or re-measuring (default 600; --quick 30)")
     p.add_argument("--repeats", type=int, help="run every step for every model this many times, one repeat after "
                    "the other; each target is judged on its median repeat (default 3; --quick 1)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
@@ -685,11 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1.5 if args.quick else 3.0)
     args.engine_budget_s = args.engine_budget_s or (0.5 if args.quick else 3.0)
     args.settle_s = args.settle_s if args.settle_s is not None else (10.0 if args.quick else 60.0)
-    args.guard = NoiseGuard(
-        budget_s=args.noise_budget_s if args.noise_budget_s is not None else (30.0 if args.quick else 600.0),
-        settle_s=args.settle_s,
-        retries=args.retries if args.retries is not None else (0 if args.quick else 2),
-    )
+    args.noise_budget_s = args.noise_budget_s if args.noise_budget_s is not None else (30.0 if args.quick else 600.0)
+    args.retries = args.retries if args.retries is not None else (0 if args.quick else 2)
     if args.engine_rounds is not None and args.engine_rounds < 1:
         print("error: --engine-rounds must be at least 1", file=sys.stderr)
         return 2
@@ -735,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     }, "repeats": []}
     with tempfile.TemporaryDirectory(prefix="archserve-bench-") as tmp:
         for repeat in range(1, args.repeats + 1):
+            # Each repeat has the whole noise budget: a noisy first repeat must not leave the last unprotected.
+            args.guard = NoiseGuard(budget_s=args.noise_budget_s, settle_s=args.settle_s, retries=args.retries)
             measured: dict = {}
             results["repeats"].append({"repeat": repeat, "models": measured})
             repeat_logs = logs / f"repeat-{repeat}" if args.repeats > 1 else logs
@@ -747,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
             results["repeats"][-1].update(summary=rows, targets=[c for row in rows for c in targets(row, high)])
             if args.repeats > 1:
                 print(f"\n{markdown(rows, results['repeats'][-1]['targets'], low, high)}\n", flush=True)
+                result_path.write_text(json.dumps(results, indent=2))  # the repeats so far, if a later one dies
 
     # Every model's row of every repeat (by model, then repeat), then each target judged on its median repeat.
     rows = [{**row, "repeat": rep["repeat"]} if args.repeats > 1 else row
