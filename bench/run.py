@@ -501,34 +501,35 @@ def cpu_breakdown(r: dict, point: dict | None, raw_img_s: float | None) -> dict 
 
 def targets(row: dict, high: int) -> list[dict]:
     """The issue's targets for one model in one repeat. ``margin`` is how far the measurement is on the right
-    side of its threshold (negative: the wrong side), in the measurement's unit; ``judge`` ranks repeats by it."""
+    side of its threshold (negative: the wrong side), in the measurement's unit; ``judge`` ranks repeats by it.
+    The verdict is the margin's sign: at the threshold (0) a pass, except for the strict ``>`` targets."""
     model = row["model"]
     out = []
 
-    def add(name: str, measured: str, threshold: str, ok: bool | None, margin: float | None) -> None:
+    def add(name: str, measured: str, threshold: str, margin: float | None, strict: bool = False) -> None:
+        ok = None if margin is None else (margin > 0 if strict else margin >= 0)
         out.append({"model": model, "target": name, "measured": measured, "threshold": threshold,
                     "pass": ok, "margin": margin})
 
     need = E2E_OF_RAW.get(model, E2E_OF_RAW_DEFAULT)
     ratio = row.get("ratio_best")
-    add(f"e2e @{high} / raw engine (best batch)",
-        f"{ratio:.1%}" if ratio is not None else "n/a", f">= {need:.0%}", None if ratio is None else ratio >= need,
-        None if ratio is None else ratio - need)
+    add(f"e2e @{high} / raw engine (best batch)", f"{ratio:.1%}" if ratio is not None else "n/a",
+        f">= {need:.0%}", None if ratio is None else ratio - need)
     diff = row.get("p50_minus_raw_ms")
     add("p50 @1 - raw batch-1 latency", f"{diff:+.1f} ms" if diff is not None else "n/a",
-        f"<= +{P50_OVER_RAW_MS:g} ms", None if diff is None else diff <= P50_OVER_RAW_MS,
-        None if diff is None else P50_OVER_RAW_MS - diff)
+        f"<= +{P50_OVER_RAW_MS:g} ms", None if diff is None else P50_OVER_RAW_MS - diff)
     mb = row.get("mean_batch")
-    add(f"mean batch size @{high}", f"{mb:.2f}" if mb is not None else "n/a", "> 1", None if mb is None else mb > 1,
-        None if mb is None else mb - 1)
+    add(f"mean batch size @{high}", f"{mb:.2f}" if mb is not None else "n/a", "> 1",
+        None if mb is None else mb - 1, strict=True)
     a, n = row.get("archserve_img_s"), row.get("naive_img_s")
-    add(f"throughput @{high} vs naive", f"{a:.1f} vs {n:.1f} img/s" if a is not None and n is not None else "n/a",
-        "archserve > naive", None if a is None or n is None else a > n, None if a is None or n is None else a - n)
+    both = a is not None and n is not None
+    add(f"throughput @{high} vs naive", f"{a:.1f} vs {n:.1f} img/s" if both else "n/a", "archserve > naive",
+        a - n if both else None, strict=True)
     a, n = row.get("archserve_p50_lo"), row.get("naive_p50_lo")
-    allowed = None if n is None else max(n * (1 + NAIVE_P50_REL), n + NAIVE_P50_ABS_MS)
-    add("p50 @1 vs naive", f"{a:.1f} vs {n:.1f} ms" if a is not None and n is not None else "n/a",
+    both = a is not None and n is not None
+    add("p50 @1 vs naive", f"{a:.1f} vs {n:.1f} ms" if both else "n/a",
         f"<= naive +{NAIVE_P50_REL:.0%} or +{NAIVE_P50_ABS_MS:g} ms",
-        None if a is None or n is None else a <= allowed, None if a is None or n is None else allowed - a)
+        max(n * (1 + NAIVE_P50_REL), n + NAIVE_P50_ABS_MS) - a if both else None)
     return out
 
 
