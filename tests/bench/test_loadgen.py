@@ -8,21 +8,18 @@ least every image the load generator counted as answered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
-import threading
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import loadgen
 from tests.images import jpeg
-from tests.service.server import free_port, running_server, wait_until
+from tests.service.server import free_port, running_server, serving
 
 MODEL = "resnet18"
 LOAD = ["--warmup", "0.5", "--duration", "1.5", "--concurrency", "2", "--timeout", "20"]
@@ -111,24 +108,10 @@ def test_v2_unknown_model_is_a_clear_error(server, capsys):
         loadgen.run_async(loadgen.closed_loop(server, "no-such-model", 1, 1.0, warmup=0, protocol="v2"))
 
 
-@contextlib.contextmanager
-def serving(app):
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(f"http://127.0.0.1:{port}", "/health/ready", timeout=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 def test_v2_against_a_server_without_the_protocol(exported_repo, capsys):
     from bench.naive_server import create_app, latest_version
 
-    with serving(create_app(latest_version(exported_repo / MODEL))) as url:
+    with serving(create_app(latest_version(exported_repo / MODEL)), free_port(), timeout=60) as url:
         assert loadgen.main(["--url", url, "--model", MODEL, "--protocol", "v2", "--duration", "1"]) == 1
         err = capsys.readouterr().err
         assert "no Open Inference Protocol (KServe v2) endpoint" in err and "--protocol classify" in err

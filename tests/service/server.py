@@ -32,19 +32,29 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(wait_ready: bool = True, **settings):
-    port = free_port()
-    app = create_app(Settings(host="127.0.0.1", port=port, **settings))
+def serving(app, port: int, ready_path: str = "/health/ready", timeout: float = 120.0):
+    """Serve the ASGI ``app`` with uvicorn on ``127.0.0.1:port`` in a thread; yields its URL once ``ready_path``
+    answers 200, and stops it on leaving."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(url, "/health/ready" if wait_ready else "/health/live")
-        yield url, app
+        wait_until(url, ready_path, timeout)
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def running_server(wait_ready: bool = True, **settings):
+    port = free_port()
+    app = create_app(Settings(host="127.0.0.1", port=port, **settings))
+    try:
+        with serving(app, port, "/health/ready" if wait_ready else "/health/live") as url:
+            yield url, app
+    finally:
         del app
         # A stopped server's app sits in reference cycles (its routes, its state), and its models (onnxruntime
         # sessions, GBs for the experiment models) with it: without this they wait for a full collection, which
@@ -68,13 +78,13 @@ def wait_until(url: str, path: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"{url}{path} not 200 within {timeout}s (last: {last and last.text})")
 
 
-def until(condition, failure, timeout: float = 20) -> None:
-    """Wait for ``condition()``; after ``timeout`` s (by default under the 30 s request deadline), fail with
-    ``failure()``."""
+def until(condition, failure, timeout: float = 20, interval: float = 0.02) -> None:
+    """Wait for ``condition()``, checking every ``interval`` s; after ``timeout`` s (by default under the 30 s
+    request deadline), fail with ``failure()``."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, failure()
-        time.sleep(0.02)
+        time.sleep(interval)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 import weakref
 
 import httpx
@@ -73,12 +72,7 @@ class Traffic:
 
 
 def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
+    until(predicate, lambda: "condition not reached in time", timeout, interval=0.1)  # the predicates poll HTTP
 
 
 def served_versions(url):
