@@ -16,9 +16,9 @@ The four steps run for every model, and all of that ``--repeats`` times
 repeat (``judge``): with three, it passes when it passed in two of them (a
 repeat whose step failed counts against it). On a
 shared 2-core VM one repeat's e2e / raw ratio moves by a few percent from the
-machine alone (the engine alone moves up to 5% between its two timings), as
-much as some targets' margins; the table shows every repeat and how many met
-each target.
+machine alone (the engine alone moved by up to 6.7% between its two timings in
+one repeat on 2026-11-28), as much as some targets' margins; the table shows
+every repeat and how many met each target.
 
 Only one server runs at a time; each is stopped with SIGTERM (killed if it has
 not exited after a timeout). The models are exported into ``--models-dir``
