@@ -1,6 +1,6 @@
 """Engine-only benchmark: the server's own onnxruntime engine, no HTTP, no decoding, no batching queue.
 
-Runs ``service.engine.OnnxEngine`` (the class the server uses, with its session
+Runs ``service.models.engine.OnnxEngine`` (the class the server uses, with its session
 options and provider choice: the fp16 file on CUDA when onnxruntime has the
 CUDA provider and it loads, the fp32 file on the CPU otherwise) on uint8 NHWC
 input at the model's crop size, for each batch size: a warm-up, then timed runs
@@ -36,7 +36,7 @@ import onnxruntime as ort
 
 from modelrepo.layout import list_versions
 from modelrepo.manifest import load_manifest
-from service.engine import EngineConfig, OnnxEngine
+from service.models.engine import EngineConfig, OnnxEngine
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 

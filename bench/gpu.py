@@ -7,7 +7,7 @@ so it can be tested anywhere). Steps, each optional (``--steps``):
 ``export``  the models (default resnet50, resnet34, se_resnet50, googlenet,
             inception_v3) into ``--models-dir`` if missing: fp16 for CUDA,
             fp32 for the CPU.
-``decode``  the CPU decode ceiling: ``service.preprocess.decode_image`` (what
+``decode``  the CPU decode ceiling: ``service.images.preprocess.decode_image`` (what
             the server runs) on the load generator's JPEGs, in one process and
             in one process per core, at 500x375 and at phone size (4032x3024),
             with ``--serve-model``'s resize and crop.
@@ -192,7 +192,7 @@ def export_models(models_dir: Path, names: list[str], precision: str, parity_sam
 
 def _decode_worker(args: tuple) -> int:
     images, seconds, resize, crop, interpolation = args
-    from service.preprocess import PreprocessSpec, decode_image
+    from service.images.preprocess import PreprocessSpec, decode_image
 
     spec = PreprocessSpec(resize=resize, crop=crop, interpolation=interpolation, max_pixels=200_000_000)
     decode_image(images[0], spec)  # warm
@@ -266,7 +266,7 @@ def engine_on_device_input(models_dir: Path, name: str, batch: int, device_id: i
     import onnxruntime as ort
 
     from modelrepo.manifest import load_manifest
-    from service.engine import EngineConfig, OnnxEngine
+    from service.models.engine import EngineConfig, OnnxEngine
 
     from .engine import time_batch, version_dir
 
@@ -299,7 +299,7 @@ def session_patterns(models_dir: Path, name: str, batch: int, device: str, devic
     import numpy as np
 
     from modelrepo.manifest import load_manifest
-    from service.engine import EngineConfig, OnnxEngine
+    from service.models.engine import EngineConfig, OnnxEngine
 
     from .engine import version_dir
 

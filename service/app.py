@@ -20,10 +20,10 @@ from uvicorn.config import STARTUP_FAILURE
 from .errors import ServiceError
 from .experiments.runtime import Experiments, served_check_from_plan
 from .metrics import ExperimentMetrics, Metrics, multiprocess_dir
-from .lifecycle import Lifecycle
-from .repository import plan_versions
-from .routes import classify, experiments, health, models, repository
-from .routes import v2
+from .models.lifecycle import Lifecycle
+from .models.served import plan_versions
+from .http import classify, experiments, health, model_repository, models
+from .http import v2
 from .settings import Settings
 from .state import AppState
 from .store.factory import is_postgres_url, open_store
@@ -121,7 +121,7 @@ def _build_app(settings: Settings) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(experiments.router)
     app.include_router(models.router)
-    app.include_router(repository.router)
+    app.include_router(model_repository.router)
     app.include_router(health.router)
     app.include_router(v2.router)
     _install_error_handlers(app)

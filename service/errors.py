@@ -55,14 +55,37 @@ class ServiceUnavailableError(ServiceError):
 
 
 class QueueFullError(ServiceUnavailableError):
+    """A model's queue is at its limit: the request was not admitted."""
+
     code = "queue_full"
 
 
+class ModelClosedError(ServiceUnavailableError):
+    """The model's batcher is closing (shutdown, unload) and did not run the request."""
+
+
+class ShedError(ServiceUnavailableError):
+    """Low-priority work (a shadow) was dropped because normal traffic was queueing."""
+
+    code = "shed"
+
+
 class DeadlineExceededError(ServiceError):
+    """The request's deadline passed before its result was ready."""
+
     status_code = 504
     code = "deadline_exceeded"
 
 
+class ClientGoneError(ServiceError):
+    """The client disconnected before its answer was ready: nginx's 499, logged and counted, never sent."""
+
+    status_code = 499
+    code = "client_closed_request"
+
+
 class InferenceError(ServiceError):
+    """The model's run failed, or broke its contract; ``__cause__`` holds the reason."""
+
     status_code = 500
     code = "inference_failed"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -189,6 +190,26 @@ CONFIDENCE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
 OVERLAP_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 DIFFERENCE_BUCKETS = (-2.5, -1.0, -0.5, -0.25, -0.1, -0.05, -0.025, -0.01, -0.005, 0.0,
                       0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One model version's request metrics, labelled once when it loads: the request path only observes."""
+
+    in_flight: Gauge
+    images: Counter
+    latency: Histogram
+    preprocess: Histogram
+
+    @classmethod
+    def of(cls, metrics: Metrics, name: str, version: str) -> "ModelMetrics":
+        labels = (name, version)
+        return cls(
+            in_flight=metrics.child(metrics.in_flight, *labels),
+            images=metrics.child(metrics.images, *labels),
+            latency=metrics.child(metrics.request_latency, *labels),
+            preprocess=metrics.child(metrics.preprocess_latency, *labels),
+        )
 
 
 class ExperimentMetrics(LabelledChildren):

@@ -9,11 +9,10 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .engine import ModelLoadError
-from .errors import NotFoundError, ServiceUnavailableError
+from .models.engine import ModelLoadError
 from .experiments.runtime import Experiments, served_check_from_table
 from .metrics import ExperimentMetrics, Metrics
-from .repository import ModelTable, ServedModel, load_model, plan_versions
+from .models.served import ModelTable, ServedModel, load_model, plan_versions
 from .settings import Settings
 from .store.base import ExperimentStore
 from .store.writer import StoreWriter
@@ -49,22 +48,6 @@ class AppState:
 
     def __post_init__(self) -> None:
         _live_states.add(self)
-
-    def require_ready(self) -> None:
-        if self.shutting_down:
-            raise ServiceUnavailableError("the server is shutting down; retry on another replica", retry_after_s=1)
-        if not self.ready:
-            raise ServiceUnavailableError(f"the server is not ready: {self.reason}", retry_after_s=5)
-
-    def model(self, name: str, version: int | None = None) -> ServedModel:
-        """A served model version; while nothing is served yet (loading, or the load failed) a missing one is
-        503 with the reason, not 404: it may well exist once the server is ready."""
-        try:
-            return self.models.get(name, version)
-        except NotFoundError:
-            if not self.ready:
-                self.require_ready()
-            raise
 
     async def load(self) -> None:
         """Load and verify every model, then warm each up and start its batcher (``ServedModel.start``), and

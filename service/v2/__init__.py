@@ -4,6 +4,6 @@
 and a result into response bytes (JSON, or JSON plus Triton's binary tensor data);
 ``metadata`` builds the server and model metadata documents; ``schemas`` holds
 pydantic models of the JSON documents for the OpenAPI description. The HTTP
-route (``service/routes/v2.py``) only reads the body, calls these and runs the
+route (``service/http/v2.py``) only reads the body, calls these and runs the
 batcher.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..repository import ServedModel
+from ..models.served import ServedModel
 from .codec import ModelIO
 
 PLATFORM = "onnxruntime_onnx"

@@ -46,7 +46,7 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
             assert report["errors"] == {} and report["ok"] > 0, (config, label, report)
             assert report["throughput_img_s"] > 0
     assert serve["w1"]["v2-b4-c2"]["images_per_request"] == 4
-    from service.repository import available_cores
+    from service.models.placement import available_cores
 
     lanes = 2 if available_cores() >= 2 else 1  # on the CPU, one worker: one batch per lane under load
     assert serve["w1"]["batching"]["instances"] == serve["w1"]["batching"]["cpu_lanes"] == lanes

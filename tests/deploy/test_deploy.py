@@ -150,7 +150,7 @@ def assert_setting_keys(keys, where: str) -> None:
 
 
 def service_paths() -> set[str]:
-    from service.routes import health, v2
+    from service.http import health, v2
 
     return {route.path for router in (health.router, v2.router) for route in router.routes}
 

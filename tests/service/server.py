@@ -12,7 +12,7 @@ import httpx
 import uvicorn
 
 from service.app import create_app
-from service.memory import trim_heap
+from service.models.memory import trim_heap
 from service.settings import Settings
 
 
@@ -20,7 +20,7 @@ def cuda_runs(version_dir) -> bool:
     """Whether a session asking for CUDA gets it on this machine (the CUDA provider can be listed and still
     fail to load, as on a machine without a GPU)."""
     from modelrepo.manifest import load_manifest
-    from service.engine import CUDA, EngineConfig, OnnxEngine
+    from service.models.engine import CUDA, EngineConfig, OnnxEngine
 
     return OnnxEngine(version_dir, load_manifest(version_dir), EngineConfig(device="auto")).provider == CUDA
 

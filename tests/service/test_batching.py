@@ -11,15 +11,15 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from service.batching import (
-    BatchFailedError,
-    Batcher,
-    BatcherClosedError,
-    BatchingError,
-    BatchStats,
+from service.errors import (
     DeadlineExceededError,
+    InferenceError,
+    ModelClosedError,
     QueueFullError,
+    ServiceError,
+    ShedError,
 )
+from service.models.batching import Batcher, BatchStats
 
 pytestmark = pytest.mark.anyio
 
@@ -334,7 +334,7 @@ async def test_exception_reaches_every_waiter_and_next_batch_works():
         assert await batcher.submit(3) == 6
     assert engine.batches[1] == [FAIL, 1, 2]
     for error in errors:
-        assert isinstance(error, BatchFailedError)
+        assert isinstance(error, InferenceError)
         assert isinstance(error.__cause__, ValueError)
         assert "cannot process" in str(error)
     assert len({id(e) for e in errors}) == 3, "each waiter gets its own exception"
@@ -357,7 +357,7 @@ async def test_output_count_mismatch_fails_the_whole_batch():
         errors = await asyncio.gather(*tasks, return_exceptions=True)
     assert len(errors) == 3
     for error in errors:
-        assert isinstance(error, BatchFailedError)
+        assert isinstance(error, InferenceError)
         assert "returned 2 outputs for 3 inputs" in str(error)
 
 
@@ -393,7 +393,7 @@ async def test_submit_many_admission_is_all_or_nothing():
 async def test_submit_many_failure_cancels_the_rest():
     engine = FakeEngine()
     async with running(engine, max_batch_size=1) as batcher:
-        with pytest.raises(BatchFailedError):
+        with pytest.raises(InferenceError):
             await batcher.submit_many([FAIL, HOLD, 5])
         assert batcher.queue_depth == 0
         engine.gate.set()
@@ -411,14 +411,14 @@ async def test_close_with_drain_answers_everything_then_rejects():
     await eventually(lambda: batcher.queue_depth == 9)
     closing = asyncio.create_task(batcher.close(drain=True))
     await asyncio.sleep(0)
-    with pytest.raises(BatcherClosedError):
+    with pytest.raises(ModelClosedError):
         await batcher.submit(100)
     engine.gate.set()
     await closing
     assert held.result() == HOLD * 2
     assert [t.result() for t in tasks] == [x * 2 for x in range(9)]
     assert batcher.queue_depth == 0 and batcher.in_flight == 0
-    with pytest.raises(BatcherClosedError):
+    with pytest.raises(ModelClosedError):
         await batcher.submit(101)
     assert 100 not in engine.seen and 101 not in engine.seen
     await batcher.close()
@@ -434,7 +434,7 @@ async def test_close_without_drain_fails_queued_but_finishes_in_flight():
     await eventually(lambda: batcher.queue_depth == 5)
     closing = asyncio.create_task(batcher.close(drain=False))
     errors = await asyncio.gather(*tasks, return_exceptions=True)
-    assert all(isinstance(e, BatcherClosedError) for e in errors)
+    assert all(isinstance(e, ModelClosedError) for e in errors)
     engine.gate.set()
     await closing
     assert await held == HOLD * 2
@@ -451,9 +451,9 @@ async def test_close_timeout_fails_a_stuck_batch():
         queued = asyncio.create_task(batcher.submit(1))
         await eventually(lambda: batcher.queue_depth == 1)
         await batcher.close(timeout=0.1)
-        with pytest.raises(BatcherClosedError):
+        with pytest.raises(ModelClosedError):
             await held
-        with pytest.raises(BatcherClosedError):
+        with pytest.raises(ModelClosedError):
             await queued
     finally:
         engine.gate.set()
@@ -486,7 +486,7 @@ async def test_raising_callbacks_are_logged_and_ignored(caplog):
         raise RuntimeError("callback bug")
 
     engine = FakeEngine()
-    with caplog.at_level(logging.ERROR, logger="service.batching"):
+    with caplog.at_level(logging.ERROR, logger="service.models.batching"):
         async with running(engine, on_batch=boom, on_queue_depth=boom, on_expired=boom) as batcher:
             assert await batcher.submit(1) == 2
             with pytest.raises(DeadlineExceededError):
@@ -522,14 +522,14 @@ async def test_submit_before_start_is_an_error():
         await batcher.submit(1)
 
 
-def test_errors_share_a_base_class():
-    for error in (QueueFullError, DeadlineExceededError, BatcherClosedError, BatchFailedError):
-        assert issubclass(error, BatchingError)
+def test_errors_carry_the_status_a_caller_answers_with():
+    statuses = {QueueFullError: 503, ShedError: 503, ModelClosedError: 503, DeadlineExceededError: 504,
+                InferenceError: 500}
+    for error, status in statuses.items():
+        assert issubclass(error, ServiceError) and error.status_code == status
 
 
 # --- low-priority (shadow) traffic ---------------------------------------------------------
-
-from service.batching import ShedError  # noqa: E402
 
 
 async def test_low_priority_items_fill_batches_after_normal_ones():
@@ -610,9 +610,9 @@ async def test_closing_during_warmup_never_starts_and_a_second_start_is_refused(
         await batcher.start()
     await batcher.close()
     finish.set()
-    with pytest.raises(BatcherClosedError, match="closed while warming up"):
+    with pytest.raises(ModelClosedError, match="closed while warming up"):
         await starting
-    with pytest.raises(BatcherClosedError):
+    with pytest.raises(ModelClosedError):
         await batcher.submit(1)
     assert engine.batches == []
 
@@ -653,7 +653,7 @@ async def test_nothing_starts_while_a_batch_runs_alone():
 async def test_a_failing_lone_run_answers_its_request_and_the_next_one_runs():
     lanes, alone = FakeEngine(), FakeEngine()
     async with running(lanes, instances=2, run_alone=alone) as batcher:
-        with pytest.raises(BatchFailedError):
+        with pytest.raises(InferenceError):
             await batcher.submit(FAIL)
         assert await asyncio.wait_for(batcher.submit(6), 5) == 12
     assert alone.batches == [[FAIL], [6]]
@@ -707,7 +707,7 @@ async def test_closing_with_drain_runs_what_waited_behind_a_lone_batch():
         held, tasks = await behind_a_lone_batch(batcher, alone, [1, 2])
         closing = asyncio.create_task(batcher.close(drain=True))
         await asyncio.sleep(0.02)
-        with pytest.raises(BatcherClosedError):
+        with pytest.raises(ModelClosedError):
             await batcher.submit(3)  # closed to new work while it drains
         alone.gate.set()
         await closing
@@ -721,7 +721,7 @@ async def test_closing_without_drain_fails_what_waited_and_lets_the_lone_batch_f
         held, tasks = await behind_a_lone_batch(batcher, alone, [1, 2])
         closing = asyncio.create_task(batcher.close(drain=False))
         for task in tasks:
-            with pytest.raises(BatcherClosedError, match="without draining"):
+            with pytest.raises(ModelClosedError, match="without draining"):
                 await task
         alone.gate.set()
         await closing
@@ -737,7 +737,7 @@ async def test_a_close_that_times_out_answers_a_stuck_lone_batch():
         await batcher.close(timeout=0.1)
         assert time.monotonic() - started < 2
         for task in (held, queued):
-            with pytest.raises(BatcherClosedError):
+            with pytest.raises(ModelClosedError):
                 await task
     assert lanes.batches == []
 

@@ -86,7 +86,7 @@ def test_top_k_equals_the_model_run_on_the_reference_preprocessing(url, exported
 def test_auto_serves_what_the_machine_has(exported_repo):
     """device=auto: CUDA with the fp16 file where CUDA runs, else the CPU with fp32; reported as such, and the
     scores are those of that file on that provider."""
-    from service.engine import EngineConfig, OnnxEngine
+    from service.models.engine import EngineConfig, OnnxEngine
 
     version_dir = exported_repo / "resnet18" / "1"
     cuda = cuda_runs(version_dir)

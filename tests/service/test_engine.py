@@ -9,9 +9,19 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from modelrepo import load_manifest
-from service.engine import CPU, EngineConfig, ModelLoadError, OnnxEngine, cuda_available, verify_files
+from service.models.engine import (
+    CPU,
+    EngineConfig,
+    ModelLoadError,
+    OnnxEngine,
+    batch_runner,
+    cuda_available,
+    padded_size,
+    verify_files,
+)
+from service.models.placement import warmup_batch_sizes
 from service.metrics import Metrics
-from service.repository import _stacked, load_model, padded_size, plan_versions, warmup_batch_sizes
+from service.models.served import load_model, plan_versions
 from service.settings import Settings
 
 
@@ -112,8 +122,8 @@ def test_padded_batches_give_each_item_its_own_logits(version_dir):
     engine.run = lambda batch: (seen.append(batch.shape[0]), real_run(batch))[1]
     rng = np.random.default_rng(3)
     items = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
-    padded = _stacked(engine, warmup_batch_sizes(8))(items)
-    plain = _stacked(engine)(items)
+    padded = batch_runner(engine, warmup_batch_sizes(8))(items)
+    plain = batch_runner(engine)(items)
     assert seen == [4, 3]
     assert len(padded) == 3
     np.testing.assert_allclose(np.stack(padded), np.stack(plain), rtol=1e-4, atol=1e-4)
@@ -204,14 +214,14 @@ def test_served_models_open_a_session_per_padded_size_when_asked(version_dir):
     ran = []
     _spy_on_session(always.engine, 4, ran)
     items = [np.zeros((224, 224, 3), np.uint8)] * 3  # a batch of 3, padded to 4, runs on the size-4 session
-    assert len(_stacked(always.engine, always.padded_sizes)(items)) == 3
+    assert len(batch_runner(always.engine, always.padded_sizes)(items)) == 3
     assert ran == [4]
 
 
 def test_always_without_padding_says_it_has_no_sizes_to_specialise_for(version_dir, caplog):
     settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, pad_batches="never", warmup=False,
                         device="cpu", session_per_batch_size="always", cpu_lanes=1)
-    with caplog.at_level("WARNING", logger="service.repository"):
+    with caplog.at_level("WARNING", logger="service.models.served"):
         served = load_model("resnet18", 1, settings, Metrics(CollectorRegistry()))
     assert served.engine.sessions == 1
     assert "session_per_batch_size=always needs padded batches" in caplog.text
@@ -233,7 +243,7 @@ def test_a_per_size_session_that_fails_to_open_names_its_size_and_the_way_out(ve
 def test_on_the_cpu_a_lone_request_runs_on_every_core_and_batches_run_side_by_side(version_dir):
     import asyncio
 
-    from service.repository import available_cores
+    from service.models.placement import available_cores
 
     settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, device="cpu", cpu_lanes=2)
     metrics = Metrics(CollectorRegistry())
@@ -269,7 +279,7 @@ def test_on_the_cpu_a_lone_request_runs_on_every_core_and_batches_run_side_by_si
 
 
 def test_cpu_lanes_default_to_two_on_a_multi_core_cpu_unless_instances_are_set(version_dir):
-    from service.repository import available_cores, cpu_lanes
+    from service.models.placement import available_cores, cpu_lanes
 
     base = Settings(models_dir=version_dir.parent.parent)
     auto = 2 if available_cores() >= 2 else 1

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from service.memory import resident_bytes, trim_heap
+from service.models.memory import resident_bytes, trim_heap
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read from /proc, trimmed by glibc")
 

@@ -203,7 +203,7 @@ def test_a_retired_version_is_freed_at_once(repo, caplog):
     goes back when the log says "released", not at some later collection."""
     with running_server(models_dir=repo, poll_interval_s=0.3, admin_token=TOKEN, request_timeout_s=1.0) as (url, app):
         state = app.state.archserve
-        caplog.set_level(logging.INFO, logger="service.lifecycle")
+        caplog.set_level(logging.INFO, logger="service.models.lifecycle")
         released = lambda: [r.getMessage() for r in caplog.records if r.getMessage().startswith("released resnet18")]  # noqa: E731
         with no_garbage_collection():
             v1 = held_objects(state.models.get("resnet18", 1))

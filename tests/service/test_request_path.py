@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from starlette.requests import Request
 
 from service.app import freeze_startup_objects
-from service.inference import ClientGone, until_disconnected
+from service.errors import ClientGoneError
+from service.serving import until_disconnected
 from service.metrics import ExperimentMetrics, Metrics
 
 
@@ -61,7 +62,7 @@ def test_a_disconnect_cancels_the_work_and_ends_in_client_gone():
         request, channel = _request()
         seen = []
         asyncio.get_running_loop().call_later(0.01, channel.put_nowait, {"type": "http.disconnect"})
-        with pytest.raises(ClientGone):
+        with pytest.raises(ClientGoneError):
             await until_disconnected(request, _sleep_noting_cancellation(seen, "cancelled"))
         return seen
 
@@ -93,7 +94,7 @@ def test_work_that_ignores_its_cancellation_still_ends_in_client_gone():
                 return "swallowed"
 
         channel.put_nowait({"type": "http.disconnect"})
-        with pytest.raises(ClientGone):
+        with pytest.raises(ClientGoneError):
             await until_disconnected(request, work())
 
     _run(scenario)
@@ -121,14 +122,14 @@ def test_cancelling_the_request_itself_is_a_cancellation_not_a_disconnect():
         async def handler():
             try:
                 await until_disconnected(request, _sleep_noting_cancellation(seen, "work cancelled"))
-            except ClientGone:
+            except ClientGoneError:
                 seen.append("client gone")
                 raise
 
         task = asyncio.ensure_future(handler())
         await asyncio.sleep(0.01)
         task.cancel()
-        channel.put_nowait({"type": "http.disconnect"})  # arriving as well must not turn it into ClientGone
+        channel.put_nowait({"type": "http.disconnect"})  # arriving as well must not turn it into ClientGoneError
         with pytest.raises(asyncio.CancelledError):
             await task
         return seen

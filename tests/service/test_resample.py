@@ -1,4 +1,4 @@
-"""Resize-then-crop restricted to the crop (service/resample.py) against Pillow's full resize, pixel for pixel."""
+"""Resize-then-crop restricted to the crop (service/images/resample.py) against Pillow's full resize, pixel for pixel."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from service import resample
-from service.preprocess import _centre_crop_box, _shorter_side_size
-from service.resample import _Span, resized_crop, vertical_first
+from service.images.preprocess import _centre_crop_box, _shorter_side_size
+from service.images.resample import _Span, resized_crop, vertical_first
 
 FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # (resize, crop): ResNet's, Inception v3's, and a few others.

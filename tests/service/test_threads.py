@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from modelrepo import load_manifest
-from service.batching import Batcher
-from service.engine import EngineConfig, OnnxEngine
+from service.models.batching import Batcher
+from service.models.engine import EngineConfig, OnnxEngine
 from service.threads import name_os_thread, os_thread_name
 
 from .server import running_server

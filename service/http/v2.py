@@ -7,28 +7,17 @@ parsing and encoding are in :mod:`service.v2.codec`.
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..inference import ClientGone, until_disconnected
-from ..inference import infer as run_on_model
-from ..body import read_limited
-from ..errors import (
-    DeadlineExceededError,
-    NotFoundError,
-    ServiceError,
-    UnsupportedMediaTypeError,
-)
-from ..metrics import UNKNOWN_MODEL
-from ..preprocess import decode_image
-from ..repository import ServedModel
+from ..errors import UnsupportedMediaTypeError
+from ..serving import Call, lookup, require_ready, serve
 from ..state import AppState
 from ..v2 import codec, schemas
 from ..v2.metadata import EXTENSIONS, model_io, model_metadata, server_metadata
+from .body import read_limited
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
@@ -65,19 +54,6 @@ def _state(request: Request) -> AppState:
     return request.app.state.archserve
 
 
-def _lookup(state: AppState, name: str, version: str | None) -> ServedModel:
-    """The served model; 503 rather than 404 while the server has not loaded its models (``AppState.model``)."""
-    if version is None:
-        return state.model(name)
-    if not version.isascii() or not version.isdigit() or int(version) < 1:
-        state.model(name)  # an unknown model says so first
-        served = ", ".join(map(str, sorted(state.models.versions(name))))
-        raise NotFoundError(
-            f"model {name!r} has no version {version!r}: versions are positive integers; served versions: {served}"
-        )
-    return state.model(name, int(version))
-
-
 # ----------------------------------------------------------------------------- health and metadata
 
 
@@ -106,7 +82,7 @@ async def server_ready(request: Request) -> JSONResponse:
 @router.get("/v2/models/{model}", response_model=schemas.ModelMetadata, responses=_ERRORS, summary="Model metadata")
 async def get_model_metadata(request: Request, model: str) -> dict:
     state = _state(request)
-    served = _lookup(state, model, None)
+    served = lookup(state, model, None)
     return model_metadata(served, state.models.versions(model))
 
 
@@ -116,7 +92,7 @@ async def get_model_metadata(request: Request, model: str) -> dict:
 )
 async def get_model_version_metadata(request: Request, model: str, version: str) -> dict:
     state = _state(request)
-    served = _lookup(state, model, version)
+    served = lookup(state, model, version)
     return model_metadata(served, state.models.versions(model))
 
 
@@ -135,8 +111,8 @@ async def model_version_ready(request: Request, model: str, version: str) -> dic
 
 def _model_ready(request: Request, model: str, version: str | None) -> dict:
     state = _state(request)
-    state.require_ready()  # 503 while loading or shutting down
-    _lookup(state, model, version)  # 404 with what is served
+    require_ready(state)  # 503 while loading or shutting down
+    lookup(state, model, version)  # 404 with what is served
     return {"ready": True}
 
 
@@ -160,93 +136,40 @@ async def infer_version(request: Request, model: str, version: str) -> Response:
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
-    state = _state(request)
-    settings = state.settings
-    arrived = time.monotonic()
-    model_label, version_label = UNKNOWN_MODEL, ""
-    code = 500
-    in_flight = None
-    try:
-        state.require_ready()
-        served = _lookup(state, name, version)
-        model_label, version_label = served.name, str(served.version)
-        in_flight = state.metrics.child(state.metrics.in_flight, model_label, version_label)
-        in_flight.inc()
-        deadline = arrived + settings.request_timeout_s
+    async def read(call: Call) -> codec.InferRequest:
+        settings = call.state.settings
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             raise UnsupportedMediaTypeError(
                 f"Content-Encoding {encoding!r} is not supported; send the request body uncompressed"
             )
         body = await read_limited(request, settings.max_body_bytes)
-        io = model_io(served)
         header_length = request.headers.get(codec.HEADER_LENGTH)
-        args = (body, header_length, io, settings.max_images_per_request, settings.max_body_bytes)
+        args = (body, header_length, model_io(call.served), settings.max_images_per_request, settings.max_body_bytes)
         # Off the loop only when there is much JSON to parse: the decode pool may be busy with JPEGs,
         # and raw pixels sent as binary data cost nothing to parse.
         if _json_bytes(body, header_length) > _PARSE_INLINE_BYTES:
-            parsed = await asyncio.get_running_loop().run_in_executor(
-                state.decode_pool, lambda: codec.parse_infer_request(*args)
+            return await asyncio.get_running_loop().run_in_executor(
+                call.state.decode_pool, lambda: codec.parse_infer_request(*args)
             )
+        return codec.parse_infer_request(*args)
+
+    async def run(call: Call, parsed: codec.InferRequest) -> Response:
+        served, image = call.served, parsed.input
+        if image.pixels is not None:
+            arrays = list(image.pixels)  # N views of the request's array: the batch is the only copy
         else:
-            parsed = codec.parse_infer_request(*args)
-        logits = await until_disconnected(request, _run(state, served, parsed, deadline))
-        encode_args = (parsed, io, served.name, str(served.version), parsed.id or uuid.uuid4().hex, logits)
+            arrays = await call.decode(image.encoded, lambda i: f"input {image.name!r} element {i}")
+        logits = np.stack(await call.infer(arrays))
+        encode_args = (parsed, model_io(served), served.name, str(served.version), parsed.id or call.request_id,
+                       logits)
         json_tensors = any(not o.binary and not o.classification for o in parsed.outputs)
         if logits.size > _ENCODE_INLINE_VALUES and json_tensors:
             encoded = await asyncio.get_running_loop().run_in_executor(
-                state.decode_pool, lambda: codec.encode_infer_response(*encode_args)
+                call.state.decode_pool, lambda: codec.encode_infer_response(*encode_args)
             )
         else:
             encoded = codec.encode_infer_response(*encode_args)
-        code = 200
-        state.metrics.child(state.metrics.images, model_label, version_label).inc(parsed.input.count)
         return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers())
-    except ServiceError as exc:
-        code = exc.status_code
-        raise
-    except ClientGone:
-        code = 499  # as /classify: the client left; nothing of the request is left in the queue
-        return Response(status_code=499)
-    finally:
-        if in_flight is not None:
-            in_flight.dec()
-        state.metrics.child(state.metrics.requests, model_label, version_label, str(code)).inc()
-        state.metrics.child(state.metrics.request_latency, model_label, version_label).observe(
-            time.monotonic() - arrived
-        )
 
-
-async def _run(state: AppState, served: ServedModel, parsed: codec.InferRequest, deadline: float) -> np.ndarray:
-    """Pixels straight to the batcher, or encoded images decoded in the pool first; logits ``[N, classes]``."""
-    settings = state.settings
-    image = parsed.input
-    if image.pixels is not None:
-        arrays = list(image.pixels)  # N views of the request's array: the batch is the only copy
-    else:
-        arrays = await _decode_all(state, served, image)
-        if time.monotonic() > deadline:
-            raise DeadlineExceededError(
-                f"the request's deadline of {settings.request_timeout_s:g}s passed while decoding; "
-                "retry, or send smaller images"
-            )
-    rows = await run_on_model(served, arrays, deadline, settings.request_timeout_s)
-    return np.stack(rows)
-
-
-async def _decode_all(state: AppState, served: ServedModel, image: codec.ImageInput) -> list[np.ndarray]:
-    loop = asyncio.get_running_loop()
-    histogram = state.metrics.child(state.metrics.preprocess_latency, served.name, str(served.version))
-
-    def decode(index: int, data: bytes) -> np.ndarray:
-        started = time.monotonic()
-        try:
-            return decode_image(data, served.preprocess)
-        except ServiceError as exc:  # say which element; keep the status (400, 413 or 415)
-            raise type(exc)(f"input {image.name!r} element {index}: {exc.message}") from exc
-        finally:
-            histogram.observe(time.monotonic() - started)
-
-    return list(await asyncio.gather(
-        *(loop.run_in_executor(state.decode_pool, decode, i, data) for i, data in enumerate(image.encoded))
-    ))
+    return await serve(request, name, version, read, run)

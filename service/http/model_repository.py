@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ..lifecycle import Lifecycle
+from ..models.lifecycle import Lifecycle
 from .admin import RESTART_HINT, require_admin, require_single_worker
 
 router = APIRouter(tags=["model repository"])

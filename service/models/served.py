@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,12 +12,13 @@ import numpy as np
 from modelrepo.layout import list_model_names, list_versions
 from modelrepo.manifest import Manifest, load_manifest
 
+from ..errors import NotFoundError
+from ..images.preprocess import PreprocessSpec
+from ..metrics import Metrics, ModelMetrics, multiprocess_dir
+from ..settings import Settings
 from .batching import BatchStats, Batcher
-from .engine import CPU, CUDA, EngineConfig, ModelLoadError, OnnxEngine, verify_files
-from .errors import NotFoundError
-from .metrics import Metrics, multiprocess_dir
-from .preprocess import PreprocessSpec
-from .settings import Settings
+from .engine import CUDA, EngineConfig, ModelLoadError, OnnxEngine, batch_runner, verify_files
+from .placement import place
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class ServedModel:
     preprocess: PreprocessSpec
     instances: int
     labels: np.ndarray = field(repr=False)
+    metrics: ModelMetrics = field(repr=False)
     padded_sizes: list[int] | None = None  # batches are padded up to one of these sizes
     reported: bool = field(default=False, repr=False)  # in archserve_model_info
 
@@ -132,16 +133,8 @@ def plan_versions(settings: Settings) -> list[tuple[str, int]]:
     return plan
 
 
-def warmup_batch_sizes(max_batch_size: int) -> list[int]:
-    """1, the powers of two below the maximum, and the maximum: the sizes batches take."""
-    sizes, size = [], 1
-    while size < max_batch_size:
-        sizes.append(size)
-        size *= 2
-    return sizes + [max_batch_size]
-
-
 def load_model(name: str, version: int, settings: Settings, metrics: Metrics) -> ServedModel:
+    """Read and verify a version folder, open its engine, place it (``placement``) and give it a batcher."""
     path = settings.models_dir / name / str(version)
     try:
         manifest = load_manifest(path)
@@ -165,43 +158,21 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
             f"require_gpu is set but {name} v{version} runs on {engine.provider}: the CUDA provider did not load "
             "(no GPU, or CUDA/cuDNN libraries missing; see the log)"
         )
-    instances = settings.instances or 1  # two: unmeasured since per-size sessions (docs/benchmarks.md)
-    batch_sizes = warmup_batch_sizes(settings.max_batch_size)
-    padded_sizes = batch_sizes if _wanted(settings.pad_batches, engine.provider) else None
-    lanes = cpu_lanes(settings, engine.provider, padded_sizes)
-    if settings.cpu_lanes > 1 and lanes == 1:
-        log.warning("%s v%s: cpu_lanes=%d is for one CPU session; on %s%s, batches run one at a time",
-                    name, version, settings.cpu_lanes, engine.provider, " with padded batches" if padded_sizes else "")
-    if lanes > 1:
-        if settings.instances and settings.instances != lanes:
-            log.warning("%s v%s: cpu_lanes=%d runs %d batches at once; instances=%d is not used",
-                        name, version, lanes, lanes, settings.instances)
-        cores = cpu_cores(settings)
-        if lanes > cores:
-            log.warning("%s v%s: cpu_lanes=%d is more than the %d cores: the lanes share cores",
-                        name, version, lanes, cores)
-        engine.split(lanes, max(1, cores // lanes))
-        instances = lanes
-    if padded_sizes and _wanted(settings.session_per_batch_size, engine.provider):
-        engine.specialise(padded_sizes)
-    elif settings.session_per_batch_size == "always" and not padded_sizes:
-        log.warning("%s v%s: session_per_batch_size=always needs padded batches (pad_batches is %s on %s); "
-                    "one session serves every size", name, version, settings.pad_batches, engine.provider)
-    labels = (str(version),)
-    observe = _batch_observer(metrics, name, str(version))
+    placed = place(engine, settings, f"{name} v{version}")
+    labels = (name, str(version))
     batcher = Batcher(
-        _stacked(engine, padded_sizes),
-        run_alone=_stacked(engine, padded_sizes, alone=True) if lanes > 1 else None,
+        batch_runner(engine, placed.padded_sizes),
+        run_alone=batch_runner(engine, placed.padded_sizes, alone=True) if placed.lanes > 1 else None,
         max_batch_size=settings.max_batch_size,
         max_queue_size=settings.max_queue_size,
-        instances=instances,
+        instances=placed.instances,
         max_queue_delay_ms=settings.max_queue_delay_ms,
         name=f"{name}/{version}",
-        on_batch=observe,
-        on_queue_depth=metrics.queue_depth.labels(name, *labels).set,
-        on_expired=metrics.expired.labels(name, *labels).inc,
+        on_batch=_batch_observer(metrics, *labels),
+        on_queue_depth=metrics.queue_depth.labels(*labels).set,
+        on_expired=metrics.expired.labels(*labels).inc,
         # Every batch size, in each thread that will run batches (the batcher's start awaits it).
-        warmup=(lambda: engine.warmup(batch_sizes)) if settings.warmup else None,
+        warmup=(lambda: engine.warmup(placed.warmup_sizes)) if settings.warmup else None,
     )
     return ServedModel(
         name=name, version=version, path=path, manifest=manifest, engine=engine, batcher=batcher,
@@ -209,71 +180,22 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
             resize=manifest.preprocessing.resize, crop=manifest.preprocessing.crop,
             interpolation=manifest.preprocessing.interpolation, max_pixels=settings.max_image_pixels,
         ),
-        instances=instances,
-        padded_sizes=padded_sizes,
+        instances=placed.instances,
+        padded_sizes=placed.padded_sizes,
         labels=np.asarray(manifest.labels, dtype=object),
+        metrics=ModelMetrics.of(metrics, *labels),
     )
 
 
-def available_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def cpu_cores(settings: Settings) -> int:
-    """The cores a model's inference may use on the CPU: ``intra_op_threads`` if set (in a container, the CPU
-    quota is not what the process sees), else the cores this process may run on."""
-    return settings.intra_op_threads or available_cores()
-
-
-def cpu_lanes(settings: Settings, provider: str, padded_sizes: list[int] | None) -> int:
-    """How many batches of a model run at once on the CPU provider, each on ``cpu_cores // lanes`` threads (1:
-    one at a time, on all of them). Explicit ``cpu_lanes`` wins; auto (0) is 2 where there are at least 2 cores,
-    unless ``instances`` is set or there are several worker processes (each would count all the cores as its
-    own; measured with one). Never with padded batches (their sessions are per size)."""
-    if provider != CPU or padded_sizes:
-        return 1
-    if settings.cpu_lanes:
-        return settings.cpu_lanes
-    if settings.instances or settings.workers > 1:
-        return 1
-    return 2 if cpu_cores(settings) >= 2 else 1
-
-
-def _wanted(setting: str, provider: str) -> bool:
-    """An auto/always/never setting for an engine on ``provider``: auto means on CUDA only."""
-    return setting == "always" or (setting == "auto" and provider == CUDA)
-
-
-def padded_size(count: int, sizes: list[int] | None) -> int:
-    """The smallest of ``sizes`` (ascending) that holds ``count`` items (``count`` itself if none does, or no
-    sizes)."""
-    if not sizes:
-        return count
-    return next((size for size in sizes if size >= count), count)
-
-
-def _stacked(engine: OnnxEngine, sizes: list[int] | None = None, alone: bool = False):
-    """The batcher's ``run_batch``: stack the items, padded with zeros to one of ``sizes`` if given, and run them
-    (``engine.run_alone`` with ``alone``, the batcher's ``run_alone``)."""
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        return engine.run_alone(batch) if alone else engine.run(batch)
-
-    def run_batch(items: list[np.ndarray]) -> list[np.ndarray]:
-        count = len(items)
-        size = padded_size(count, sizes)
-        if size == count:
-            return list(run(np.stack(items)))
-        batch = np.empty((size, *items[0].shape), dtype=items[0].dtype)
-        np.stack(items, out=batch[:count])
-        batch[count:] = 0  # blank padding; the items are copied once, not over zeros
-        return list(run(batch)[:count])
-
-    return run_batch
+def top_k(logits: np.ndarray, labels: np.ndarray, k: int) -> list[dict]:
+    """The ``k`` best classes of one row of logits, with softmax probabilities, best first."""
+    logits = logits.astype(np.float64)
+    k = min(k, logits.shape[-1])
+    exp = np.exp(logits - logits.max())
+    probs = exp / exp.sum()
+    idx = np.argpartition(-probs, k - 1)[:k]
+    idx = idx[np.argsort(-probs[idx], kind="stable")]
+    return [{"label": str(labels[i]), "index": int(i), "score": float(probs[i])} for i in idx]
 
 
 def _batch_observer(metrics: Metrics, name: str, version: str):

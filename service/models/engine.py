@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from modelrepo.layout import file_sha256
 from modelrepo.manifest import Manifest
-from .threads import ONNXRUNTIME, name_os_thread, os_thread_name
+from ..threads import ONNXRUNTIME, name_os_thread, os_thread_name
 
 log = logging.getLogger(__name__)
 
@@ -245,3 +245,31 @@ def verify_files(version_dir: Path, manifest: Manifest) -> None:
             )
         if file_sha256(path) != entry.sha256:
             raise ModelLoadError(f"{version_dir}: {entry.path} does not match its sha256 in the manifest")
+
+
+def padded_size(count: int, sizes: list[int] | None) -> int:
+    """The smallest of ``sizes`` (ascending) that holds ``count`` items (``count`` itself if none does, or no
+    sizes)."""
+    if not sizes:
+        return count
+    return next((size for size in sizes if size >= count), count)
+
+
+def batch_runner(engine: OnnxEngine, sizes: list[int] | None = None, alone: bool = False):
+    """The batcher's ``run_batch``: stack the items, padded with zeros to one of ``sizes`` if given, and run them
+    (``engine.run_alone`` with ``alone``, the batcher's ``run_alone``)."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return engine.run_alone(batch) if alone else engine.run(batch)
+
+    def run_batch(items: list[np.ndarray]) -> list[np.ndarray]:
+        count = len(items)
+        size = padded_size(count, sizes)
+        if size == count:
+            return list(run(np.stack(items)))
+        batch = np.empty((size, *items[0].shape), dtype=items[0].dtype)
+        np.stack(items, out=batch[:count])
+        batch[count:] = 0  # blank padding; the items are copied once, not over zeros
+        return list(run(batch)[:count])
+
+    return run_batch

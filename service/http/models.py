@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from ..serving import lookup
 from ..state import AppState
 
 router = APIRouter(tags=["models"])
@@ -21,7 +22,7 @@ async def list_models(request: Request) -> dict:
 @router.get("/models/{model}", summary="One model's served versions")
 async def get_model(request: Request, model: str) -> dict:
     state: AppState = request.app.state.archserve
-    state.model(model)  # 404 with the list of served models (503 while loading)
+    lookup(state, model)  # 404 with the list of served models (503 while loading)
     versions = state.models.versions(model)
     return {
         "name": model,

@@ -19,7 +19,8 @@ request may carry an absolute ``time.monotonic()`` deadline: if it passes
 while the request is queued, the request is removed and never run; if it
 passes while its batch runs, the caller gets ``DeadlineExceededError`` and the
 late result is dropped. A cancelled caller's queued item is removed as well.
-Nothing here knows of HTTP or of the model runtime: callers map the errors.
+Nothing here knows of HTTP or of the model runtime; its errors come from
+``service.errors``, each carrying the status a caller answers with.
 """
 
 from __future__ import annotations
@@ -36,47 +37,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .threads import BATCH, name_os_thread
+from ..errors import DeadlineExceededError, InferenceError, ModelClosedError, QueueFullError, ShedError
+from ..threads import BATCH, name_os_thread
 
 __all__ = [
-    "BatchFailedError",
     "BatchStats",
-    "BatcherClosedError",
     "Batcher",
-    "BatchingError",
-    "DeadlineExceededError",
-    "QueueFullError",
-    "ShedError",
 ]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class BatchingError(Exception):
-    """Base class of the errors a ``Batcher`` raises to the callers of ``submit``."""
-
-
-class QueueFullError(BatchingError):
-    """The queue holds ``max_queue_size`` items: the request was not admitted; retry later."""
-
-
-class DeadlineExceededError(BatchingError):
-    """The request's deadline passed before its result was ready."""
-
-
-class BatcherClosedError(BatchingError):
-    """The batcher is closing or closed and did not (or could not) run the request."""
-
-
-class BatchFailedError(BatchingError):
-    """``run_batch`` raised, or broke its contract; ``__cause__`` holds the reason."""
-
-
-class ShedError(BatchingError):
-    """A low-priority item was dropped (or refused) because normal traffic was queueing."""
 
 
 @dataclass(frozen=True)
@@ -264,7 +236,7 @@ class Batcher(Generic[T, R]):
                 raise
             if self._closing:  # closed while warming up: never start
                 self._drop_executors()
-                raise BatcherClosedError(f"{self._label} was closed while warming up")
+                raise ModelClosedError(f"{self._label} was closed while warming up")
         self._workers = [
             self._loop.create_task(self._worker(self._executors[i]), name=f"{self._label} worker {i}")
             for i in range(self._instances)
@@ -281,8 +253,8 @@ class Batcher(Generic[T, R]):
         """Queue one item and return its output.
 
         ``deadline`` is an absolute ``time.monotonic()`` value. Raises
-        ``QueueFullError``, ``DeadlineExceededError``, ``BatcherClosedError``
-        or ``BatchFailedError``; low-priority items may also raise ``ShedError``.
+        ``QueueFullError``, ``DeadlineExceededError``, ``ModelClosedError``
+        or ``InferenceError``; low-priority items may also raise ``ShedError``.
         """
         entries = self._admit([item], deadline, priority)
         return (await self._wait(entries, deadline))[0]
@@ -304,9 +276,9 @@ class Batcher(Generic[T, R]):
         """Stop accepting requests, then stop the workers and the thread pool.
 
         With ``drain``, queued and in-flight items are run and answered first;
-        without it, queued items fail with ``BatcherClosedError`` (in-flight
+        without it, queued items fail with ``ModelClosedError`` (in-flight
         batches still finish). After ``timeout`` seconds the workers are
-        cancelled and whatever is unanswered fails with ``BatcherClosedError``
+        cancelled and whatever is unanswered fails with ``ModelClosedError``
         (a batch already running in a thread cannot be interrupted; its result
         is dropped). Calling ``close`` again is harmless.
         """
@@ -342,7 +314,7 @@ class Batcher(Generic[T, R]):
         if priority not in ("normal", "low"):
             raise ValueError(f"priority must be 'normal' or 'low', got {priority!r}")
         if self._closing:
-            raise BatcherClosedError(f"{self._label} is closed and accepts no new requests")
+            raise ModelClosedError(f"{self._label} is closed (shutting down or unloaded) and accepts no new requests; retry")
         if not self._started:
             raise RuntimeError(f"{self._label} is not started: await start() before submitting")
         now = time.monotonic()
@@ -361,8 +333,8 @@ class Batcher(Generic[T, R]):
             self._expire_queued(now)
             if len(self._queue) + len(items) > self._max_queue_size:
                 raise QueueFullError(
-                    f"{self._label}: queue full ({len(self._queue)} of {self._max_queue_size} waiting, "
-                    f"{len(items)} more requested); retry later"
+                    f"{self._label}: queue full, at its limit of {self._max_queue_size} images "
+                    f"({len(self._queue)} waiting, {len(items)} more requested); retry after a moment"
                 )
         assert self._loop is not None and self._available is not None
         request = next(self._requests)
@@ -407,7 +379,7 @@ class Batcher(Generic[T, R]):
                 await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
         except TimeoutError:
             self._abandon(entries, expired=True)
-            raise DeadlineExceededError(f"{self._label}: the deadline passed before the result was ready") from None
+            raise DeadlineExceededError(f"{self._label}: no result before the request's deadline; the server is overloaded, retry later") from None
         except BaseException:
             self._abandon(entries, expired=False)
             raise
@@ -459,11 +431,11 @@ class Batcher(Generic[T, R]):
         self._queue.clear()
         self._low.clear()
         for entry in entries:
-            self._fail(entry, BatcherClosedError(f"{self._label}: {reason}"))
+            self._fail(entry, ModelClosedError(f"{self._label}: {reason}"))
         self._depth_changed()
 
     def _expired_error(self) -> DeadlineExceededError:
-        return DeadlineExceededError(f"{self._label}: the deadline passed while the request was queued")
+        return DeadlineExceededError(f"{self._label}: the request's deadline passed while it was queued; the server is overloaded, retry later")
 
     def _fail(self, entry: _Entry, error: BaseException) -> None:
         entry.state = _State.DONE
@@ -536,7 +508,7 @@ class Batcher(Generic[T, R]):
             except Exception:
                 logger.exception("%s: unexpected error while dispatching a batch", self._label)
                 for entry in batch:
-                    self._fail(entry, BatchFailedError(f"{self._label}: internal error while running the batch"))
+                    self._fail(entry, InferenceError(f"{self._label}: internal error while running the batch"))
 
     async def _dispatch(self, batch: list[_Entry], executor: ThreadPoolExecutor) -> None:
         assert self._loop is not None and self._alone_done is not None
@@ -556,7 +528,7 @@ class Batcher(Generic[T, R]):
             )
         except asyncio.CancelledError:
             for entry in batch:
-                self._fail(entry, BatcherClosedError(f"{self._label}: closed before this request's batch finished"))
+                self._fail(entry, ModelClosedError(f"{self._label}: closed before this request's batch finished"))
             raise
         except Exception as exc:
             outputs, error, run_s = None, exc, time.monotonic() - dispatched_at
@@ -574,7 +546,7 @@ class Batcher(Generic[T, R]):
                     entry.future.set_result(output)
         else:
             for entry in batch:
-                failure = BatchFailedError(f"{self._label}: batch of {len(batch)} failed: {error}")
+                failure = InferenceError(f"inference failed for {self._label} (a batch of {len(batch)}): {error}")
                 failure.__cause__ = error
                 self._fail(entry, failure)
         self._notify(self._on_batch, BatchStats(len(batch), waits, run_s, error is None, alone), "on_batch")

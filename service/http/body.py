@@ -8,9 +8,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from .errors import BadRequestError, PayloadTooLargeError
-from .inference import ClientGone
-from .preprocess import check_media_type
+from ..errors import BadRequestError, ClientGoneError, PayloadTooLargeError
+from ..images.preprocess import check_media_type, media_type_of
 
 
 @dataclass(frozen=True)
@@ -38,17 +37,16 @@ async def read_limited(request: Request, limit: int) -> bytes:
                     f"the body exceeds the limit of {limit} bytes; send smaller or fewer images"
                 )
             chunks.append(chunk)
-    except ClientDisconnect:  # gone before its body arrived: the routes answer 499, as for a later disconnect
-        raise ClientGone() from None
+    except ClientDisconnect:  # gone before its body arrived: 499, as for a later disconnect
+        raise ClientGoneError("the client disconnected while sending its body") from None
     return b"".join(chunks)
 
 
 async def read_images(request: Request, limit: int, max_images: int) -> list[ImagePart]:
-    content_type = request.headers.get("content-type", "")
-    media_type = content_type.split(";")[0].strip().lower()
+    media_type = media_type_of(request.headers.get("content-type"))
     if media_type == "multipart/form-data":
         return await _read_multipart(request, limit, max_images)
-    check_media_type(content_type)
+    check_media_type(media_type)
     body = await read_limited(request, limit)
     if not body:
         raise BadRequestError("the request has no body; send the image bytes, e.g. curl --data-binary @cat.jpg")

@@ -6,7 +6,7 @@ white, shorter side resized with the manifest's filter, centre crop. Two
 additions for serving: only allowlisted formats are parsed, and JPEGs much
 larger than needed are decoded at reduced size in the DCT domain (Pillow's
 draft mode), ~4.5x faster for phone photos, and the resize computes only the
-pixels the centre crop keeps (``service/resample.py``; the same pixels). Runs
+pixels the centre crop keeps (``service/images/resample.py``; the same pixels). Runs
 in a thread pool: Pillow releases the GIL while decoding and resizing.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ImageTooLargeError, InvalidImageError, UnsupportedMediaTypeError
+from ..errors import ImageTooLargeError, InvalidImageError, UnsupportedMediaTypeError
 from .resample import resized_crop
 
 # Formats whose decoders we expose to the network.
@@ -60,12 +60,14 @@ class PreprocessSpec:
     max_pixels: int
 
 
-def check_media_type(content_type: str | None) -> None:
+def media_type_of(content_type: str | None) -> str:
+    """``image/PNG; charset=binary`` -> ``image/png``; no header -> ``""``."""
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def check_media_type(media_type: str) -> None:
     """415 for a declared type we do not decode; a missing or generic type is sniffed."""
-    if not content_type:
-        return
-    media_type = content_type.split(";")[0].strip().lower()
-    if media_type in ALLOWED_MEDIA_TYPES or media_type in _SNIFFED_MEDIA_TYPES:
+    if not media_type or media_type in ALLOWED_MEDIA_TYPES or media_type in _SNIFFED_MEDIA_TYPES:
         return
     raise UnsupportedMediaTypeError(
         f"Content-Type {media_type!r} is not supported; send {', '.join(sorted(set(ALLOWED_MEDIA_TYPES)))} "
@@ -150,7 +152,7 @@ def decode_for(data: bytes, spec: PreprocessSpec, *others: PreprocessSpec) -> li
             key = (target.resize, target.crop, target.interpolation)
             if key not in arrays:
                 # Equal to resizing the whole image and then cropping, as the reference does, but
-                # resampling only the pixels the crop keeps where that is exact (service/resample.py).
+                # resampling only the pixels the crop keeps where that is exact (service/images/resample.py).
                 size = _shorter_side_size(*img.size, target.resize)
                 kept = resized_crop(img, size, _centre_crop_box(*size, target.crop), RESAMPLE[target.interpolation])
                 arrays[key] = np.asarray(kept, dtype=np.uint8)

@@ -22,10 +22,10 @@ from pathlib import Path
 from modelrepo.layout import list_model_names, list_versions
 from modelrepo.manifest import MANIFEST_FILENAME
 
-from .errors import BadRequestError, NotFoundError
+from ..errors import BadRequestError, NotFoundError
 from .memory import resident_bytes, trim_heap
-from .repository import ServedModel, load_model
-from .state import AppState
+from .served import ServedModel, load_model
+from ..state import AppState
 
 log = logging.getLogger(__name__)
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")

@@ -435,7 +435,7 @@ def test_a_warmup_that_fails_leaves_no_model_running_or_reported(experiment_repo
     is closed (its thread gone) and no model is reported in archserve_model_info."""
     import threading
 
-    from service.engine import OnnxEngine
+    from service.models.engine import OnnxEngine
 
     real_warmup = OnnxEngine.warmup
 

@@ -1,0 +1,71 @@
+"""``POST /classify/{model}``: images in, top-k classes out. ``model`` may also name an experiment."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from ..errors import BadRequestError
+from ..images.preprocess import ALLOWED_MEDIA_TYPES
+from ..models.served import top_k
+from ..serving import Call, serve
+from .body import ImagePart, read_images
+
+router = APIRouter(tags=["classify"])
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "One image as the raw body, or multipart/form-data with one or more image files.",
+        "content": {
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(set(ALLOWED_MEDIA_TYPES))},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"image": {
+                    "type": "array", "items": {"type": "string", "format": "binary"}}}}
+            },
+        },
+    }
+}
+
+
+@router.post("/classify/{model}", openapi_extra=_BODY_DOC, summary="Classify images with the latest served version")
+async def classify(request: Request, model: str, top_k_: int = Query(5, alias="top_k", ge=1, le=1000)):
+    return await _classify(request, model, None, top_k_)
+
+
+@router.post(
+    "/classify/{model}/versions/{version}", openapi_extra=_BODY_DOC, summary="Classify images with one version"
+)
+async def classify_version(
+    request: Request, model: str, version: int, top_k_: int = Query(5, alias="top_k", ge=1, le=1000)
+):
+    return await _classify(request, model, version, top_k_)
+
+
+async def _classify(request: Request, name: str, version: int | None, k: int) -> JSONResponse:
+    async def read(call: Call) -> list[ImagePart]:
+        settings = call.state.settings
+        return await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
+
+    async def run(call: Call, parts: list[ImagePart]) -> JSONResponse:
+        served = call.served
+        if k > served.manifest.output.num_classes:
+            raise BadRequestError(f"top_k={k} but {served.name} has {served.manifest.output.num_classes} classes")
+        logits = await call.infer(await call.decode([part.data for part in parts]))
+        results = []
+        for part, row in zip(parts, logits):
+            result = {"predictions": top_k(row, served.labels, k)}
+            if part.filename is not None:
+                result["filename"] = part.filename
+            results.append(result)
+        body = {"model": served.name, "version": served.version, "weights": served.manifest.weights.source,
+                "results": results, "request_id": call.request_id}
+        headers = {"X-Request-ID": call.echo_id}
+        if call.route is not None:
+            body = {"experiment": call.route.experiment.name, "variant": call.route.variant.name, **body}
+            headers["X-Variant"] = call.route.variant.name
+        if call.client_id is not None:
+            body["client_request_id"] = call.client_id
+        return JSONResponse(body, headers=headers)
+
+    return await serve(request, name, version, read, run, experiments=True)
