@@ -125,30 +125,14 @@ def difference_interval(s1: int, n1: int, s2: int, n2: int,
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> list[float | None]:
-    """Percentiles ``qs`` (0..100) with linear interpolation between closest ranks.
-
-    The same as ``numpy.percentile(values, qs)`` (its default ``method="linear"``):
-    the q-th percentile of the sorted ``x[0..n-1]`` sits at rank ``h = (n-1) q/100``,
-    ``x[floor h] + (h - floor h) (x[floor h + 1] - x[floor h])``. An empty
-    ``values`` gives ``None`` for every q.
-    """
-    for q in qs:
-        if not 0.0 <= q <= 100.0:
-            raise ValueError(f"percentile must be in [0, 100], got {q!r}")
-    xs = np.sort(np.asarray(values, dtype=np.float64).ravel())
-    n = xs.size
-    if n == 0:
-        return [None for _ in qs]
-    out: list[float | None] = []
-    for q in qs:
-        h = (n - 1) * (float(q) / 100.0)
-        lo = int(math.floor(h))
-        hi = min(lo + 1, n - 1)
-        frac = h - lo
-        a, b = float(xs[lo]), float(xs[hi])
-        # numpy's lerp: exact at both ends, monotone in between.
-        out.append(a + (b - a) * frac if frac < 0.5 else b - (b - a) * (1.0 - frac))
-    return out
+    """Percentiles ``qs`` (0..100) of ``values``, interpolated linearly between closest ranks
+    (``numpy.percentile``'s ``method="linear"``); ``None`` for every q when ``values`` is empty."""
+    xs = np.asarray(values, dtype=np.float64).ravel()
+    if xs.size:
+        return np.percentile(xs, qs, method="linear").tolist()
+    if not all(0 <= q <= 100 for q in qs):
+        raise ValueError(f"percentiles must be in [0, 100], got {list(qs)!r}")
+    return [None for _ in qs]
 
 
 def required_sample_size(p1: float, p2: float, alpha: float = 0.05, power: float = 0.8) -> int:

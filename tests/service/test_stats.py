@@ -139,8 +139,9 @@ def test_percentiles_small_by_hand_and_empty():
     assert percentiles([0.01, 0.02, 0.03, 0.05]) == pytest.approx([0.025, 0.044, 0.0494], rel=1e-12)
     assert percentiles([3.0, 1.0, 2.0], [0, 50, 100]) == [1.0, 2.0, 3.0]
     assert percentiles([], [50, 90]) == [None, None]
-    with pytest.raises(ValueError):
-        percentiles([1.0], [101])
+    for values in ([1.0], []):
+        with pytest.raises(ValueError):
+            percentiles(values, [101])
 
 
 # ---------------------------------------------------------------- sample size
