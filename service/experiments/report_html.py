@@ -2,79 +2,42 @@
 
 ``render_report_html(build_report(...))`` returns a page with inline CSS and
 server-side inline SVG charts: no script, no external stylesheet, font, image
-or fetch of any kind, so it can be saved, mailed or opened offline. Every
-string taken from the report (experiment, variant, model and class names,
-verdicts) is HTML-escaped. Sections: header with the verdict; one card per
-primary variant (figures with 95 % intervals, latency histogram with
-p50/p90/p99 markers, top-1 classes); comparisons against the control;
-cumulative top-1 accuracy over time with Wilson bands; shadow comparisons.
+or fetch of any kind, so it can be saved, mailed or opened offline. This module
+turns the report into formatted figures and chart geometry; the Jinja2 template
+``templates/report.html`` lays them out, with autoescaping on, so every string
+taken from the report (experiment, variant, model and class names, verdicts) is
+HTML-escaped. Sections: header with the verdict; one card per primary variant
+(figures with 95 % intervals, latency histogram with p50/p90/p99 markers, top-1
+classes); comparisons against the control; cumulative top-1 accuracy over time
+with Wilson bands; shadow comparisons.
 """
 
 from __future__ import annotations
 
 import bisect
-import html
 import math
 from datetime import datetime, timezone
 from typing import Any, Sequence
+
+import jinja2
 
 __all__ = ["render_report_html"]
 
 PALETTE = ("#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#65a30d", "#dc2626")
 _DASH = "\u2014"  # shown for missing values
 _MINUS = "\u2212"
+_KINDS = {"significant": "significant", "insufficient_data": "more data needed",
+          "no_difference": "no difference", "no_comparison": "no comparison"}
 
-_CSS = """
-:root { --ink:#1f2937; --muted:#6b7280; --line:#e5e7eb; --bg:#f6f7f9; --card:#fff; }
-* { box-sizing: border-box; }
-body { margin: 0; background: var(--bg); color: var(--ink);
-  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1160px; margin: 0 auto; padding: 28px 24px 40px; }
-header { margin-bottom: 22px; }
-.kicker { color: var(--muted); font-size: 12px; letter-spacing: .06em; text-transform: uppercase; }
-h1 { font-size: 26px; margin: 2px 0 6px; word-break: break-word; }
-.meta { color: var(--muted); font-size: 13px; }
-.verdict { margin-top: 14px; padding: 12px 16px; border-radius: 8px; border-left: 5px solid;
-  font-size: 16px; font-weight: 600; background: #fff; }
-.verdict .tag { display: block; font-size: 11px; font-weight: 600; letter-spacing: .06em;
-  text-transform: uppercase; opacity: .75; margin-bottom: 2px; }
-.v-significant { border-color: #059669; background: #ecfdf5; color: #065f46; }
-.v-insufficient_data { border-color: #d97706; background: #fffbeb; color: #92400e; }
-.v-no_difference { border-color: #2563eb; background: #eff6ff; color: #1e3a8a; }
-.v-no_comparison { border-color: #9ca3af; background: #f3f4f6; color: #374151; }
-h2 { font-size: 17px; margin: 28px 0 10px; }
-h3 { font-size: 16px; margin: 0 0 2px; display: flex; align-items: center; gap: 8px; word-break: break-word; }
-h4 { font-size: 12px; margin: 16px 0 6px; color: var(--muted); text-transform: uppercase; letter-spacing: .05em; }
-.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 16px; }
-.card { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 16px 18px; }
-.swatch { width: 12px; height: 12px; border-radius: 3px; display: inline-block; flex: none; }
-.badge { font-size: 11px; font-weight: 600; color: var(--muted); border: 1px solid var(--line);
-  border-radius: 999px; padding: 0 8px; }
-.models { color: var(--muted); font-size: 12px; margin-bottom: 8px; }
-table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
-th { font-size: 12px; color: var(--muted); font-weight: 600; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-table.figures td:first-child { color: var(--muted); width: 52%; }
-table.figures td { text-align: right; font-variant-numeric: tabular-nums; }
-table.figures td:first-child { text-align: left; }
-.ci { color: var(--muted); font-size: 12px; margin-left: 4px; }
-.panel { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 12px 16px; overflow-x: auto; }
-.empty { color: var(--muted); font-style: italic; padding: 8px 0; }
-.bar { height: 8px; background: #c7d2fe; border-radius: 2px; }
-.classes td { padding: 3px 8px; font-size: 13px; }
-.classes td.name { max-width: 220px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.legend { display: flex; gap: 16px; flex-wrap: wrap; font-size: 13px; margin: 4px 0 6px; }
-.legend span { display: inline-flex; align-items: center; gap: 6px; }
-.kind { font-size: 12px; font-weight: 600; padding: 1px 8px; border-radius: 999px; white-space: nowrap; }
-svg { display: block; max-width: 100%; height: auto; }
-svg text { font: 11px system-ui, -apple-system, "Segoe UI", Roboto, Arial, sans-serif; fill: #4b5563; }
-footer { margin-top: 28px; color: var(--muted); font-size: 12px; }
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("service.experiments", "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+    undefined=jinja2.StrictUndefined,  # a name the template expects and this module forgot is a bug, not a blank
+)
+_ENV.filters["px"] = lambda v: f"{v:.1f}"  # SVG coordinates: a tenth of a pixel is plenty
 
 
 def _num(value: Any) -> float | None:
@@ -95,10 +58,10 @@ def _pp(value: Any) -> str:
     return _DASH if v is None else _signed(f"{100.0 * v:.1f}") + " pp"
 
 
-def _ci_pct(block: dict[str, Any] | None) -> str:
+def _ci_pct(block: dict[str, Any] | None) -> tuple[str, str] | None:
     if not block or _num(block.get("low")) is None or _num(block.get("high")) is None:
-        return ""
-    return f'<span class="ci">[{100 * block["low"]:.1f} \u2013 {100 * block["high"]:.1f}]</span>'
+        return None
+    return f"{100 * block['low']:.1f}", f"{100 * block['high']:.1f}"
 
 
 def _ms(value: Any) -> str:
@@ -133,7 +96,26 @@ def _color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
+def _fixed(value: Any, spec: str) -> str:
+    v = _num(value)
+    return _DASH if v is None else format(v, spec)
+
+
 # ---------------------------------------------------------------- charts
+
+
+class _Chart:
+    """An SVG's size and its plot area's edges, in pixels, plus what the template draws in it."""
+
+    def __init__(self, width: int, height: int, margins: tuple[int, int, int, int], **parts: Any) -> None:
+        left, right, top, bottom = margins
+        self.width, self.height = width, height
+        self.left, self.right, self.top, self.base = left, width - right, top, height - bottom  # base: the x axis
+        self.__dict__.update(parts)
+
+    @property
+    def middle(self) -> float:
+        return (self.left + self.right) / 2
 
 
 def _hist_range(variants: Sequence[dict[str, Any]]) -> tuple[int, int] | None:
@@ -166,61 +148,42 @@ def _hist_ymax(variants: Sequence[dict[str, Any]], span: tuple[int, int] | None)
     return top or 1.0
 
 
-def _latency_svg(variant: dict[str, Any], color: str, span: tuple[int, int] | None,
-                 ymax: float = 1.0) -> str:
+def _latency_chart(variant: dict[str, Any], color: str, span: tuple[int, int] | None,
+                   ymax: float = 1.0) -> _Chart | None:
     hist = variant.get("latency_histogram") or {}
     edges: list[float] = list(hist.get("edges") or [])
     counts: list[int] = list(hist.get("counts") or [])
     total = sum(counts)
     if span is None or not total:
-        return '<div class="empty">no requests</div>'
+        return None
     lo, hi = span
-    w, h = 520, 190
-    left, right, top, bottom = 44, 10, 22, 34
-    pw, ph = w - left - right, h - top - bottom
-    nb = hi - lo
-    bw = pw / nb
-    shares = [c / total for c in counts]
+    c = _Chart(520, 190, (44, 10, 22, 34), color=color)
+    ph = c.base - c.top
+    bw = (c.right - c.left) / (hi - lo)
+    shares = [n / total for n in counts]
     ymax, nticks = _nice_ceiling(ymax)
-    parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
-             f'aria-label="latency histogram of {_e(variant.get("name"))}">']
-    for k in range(nticks + 1):  # y grid: share of requests
-        yv = ymax * k / nticks
-        y = top + ph - ph * yv / ymax
-        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eef0f3"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{100 * yv:.0f}%</text>')
+    c.grid = [{"y": c.base - ph * k / nticks, "label": f"{100 * ymax * k / nticks:.0f}%"}
+              for k in range(nticks + 1)]  # share of requests
+    c.bars = []
     for i in range(lo, hi):
-        x = left + (i - lo) * bw
         bh = ph * shares[i] / ymax
-        upper = f"{_ms(edges[i + 1])}" if i + 1 < len(edges) else "\u221e"
-        tip = f"{_ms(edges[i])} \u2013 {upper}: {counts[i]} requests ({100 * shares[i]:.1f}%)"
-        parts.append(f'<rect x="{x + 1:.1f}" y="{top + ph - bh:.1f}" width="{max(bw - 2, 1):.1f}" '
-                     f'height="{bh:.1f}" fill="{_e(color)}" fill-opacity="0.75" rx="1.5">'
-                     f'<title>{_e(tip)}</title></rect>')
-    step = 1 if nb <= 14 else 2
-    for i in range(lo, hi + 1, step):  # x labels at bucket edges
-        if i < len(edges):
-            x = left + (i - lo) * bw
-            parts.append(f'<text x="{x:.1f}" y="{top + ph + 14}" text-anchor="middle">'
-                         f'{_e(_edge_label(edges[i]))}</text>')
-    parts.append(f'<text x="{left + pw / 2:.1f}" y="{h - 4}" text-anchor="middle">'
-                 f'latency (ms, per request)</text>')
-    parts.append(f'<line x1="{left}" x2="{w - right}" y1="{top + ph}" y2="{top + ph}" stroke="#9ca3af"/>')
+        upper = _ms(edges[i + 1]) if i + 1 < len(edges) else "\u221e"
+        c.bars.append({"x": c.left + (i - lo) * bw + 1, "y": c.base - bh, "width": max(bw - 2, 1), "height": bh,
+                       "tip": f"{_ms(edges[i])} \u2013 {upper}: {counts[i]} requests ({100 * shares[i]:.1f}%)"})
+    step = 1 if hi - lo <= 14 else 2
+    c.x_labels = [{"x": c.left + (i - lo) * bw, "text": _edge_label(edges[i])}  # at bucket edges
+                  for i in range(lo, hi + 1, step) if i < len(edges)]
+    c.markers = []
     lat = variant.get("latency_s") or {}
     for j, key in enumerate(("p50", "p90", "p99")):
         v = _num(lat.get(key))
         if v is None:
             continue
-        x = left + (_bucket_position(edges, v) - lo) * bw
-        x = min(max(x, left), w - right)
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top - 4}" y2="{top + ph}" stroke="#111827" '
-                     f'stroke-width="1" stroke-dasharray="3 3"><title>{key} {_e(_ms(v))}</title></line>')
-        anchor = "start" if x < w - right - 40 else "end"
-        dx = 3 if anchor == "start" else -3
-        parts.append(f'<text x="{x + dx:.1f}" y="{(top - 8, top + 5, top + 18)[j]}" text-anchor="{anchor}" '
-                     f'style="fill:#111827;font-weight:600">{key}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+        x = min(max(c.left + (_bucket_position(edges, v) - lo) * bw, c.left), c.right)
+        anchor = "start" if x < c.right - 40 else "end"
+        c.markers.append({"x": x, "key": key, "value": _ms(v), "anchor": anchor,
+                          "text_x": x + (3 if anchor == "start" else -3), "text_y": c.top + (-8, 5, 18)[j]})
+    return c
 
 
 def _bucket_position(edges: list[float], v: float) -> float:
@@ -257,13 +220,13 @@ def _time_ticks(t0: float, t1: float, most: int = 8) -> list[float]:
     return ticks or [t0, t1]
 
 
-def _accuracy_svg(report: dict[str, Any]) -> str:
+def _accuracy_chart(report: dict[str, Any]) -> _Chart | None:
     ts = report.get("timeseries") or {}
     series = ts.get("variants") or {}
     names = [v.get("name") for v in report.get("variants") or []]
     points = {n: [p for p in series.get(n) or [] if p.get("n")] for n in names}
     if not any(points.values()):
-        return '<div class="empty">no labelled predictions yet</div>'
+        return None
     times = [p["t"] for ps in points.values() for p in ps]
     edges = [e for e in (ts.get("edges") or []) if _num(e) is not None]
     t0 = min(edges[0], min(times)) if edges else min(times)
@@ -276,203 +239,134 @@ def _accuracy_svg(report: dict[str, Any]) -> str:
     if y1 - y0 < 2 * step:
         y1 = min(1.0, y0 + 2 * step)
         y0 = max(0.0, y1 - 2 * step)
-    w, h = 1100, 300
-    left, right, top, bottom = 52, 16, 12, 36
-    pw, ph = w - left - right, h - top - bottom
+    c = _Chart(1100, 300, (52, 16, 12, 36))
+    pw, ph = c.right - c.left, c.base - c.top
 
     def sx(t: float) -> float:
-        return left + (pw * (t - t0) / (t1 - t0) if t1 > t0 else pw)
+        return c.left + (pw * (t - t0) / (t1 - t0) if t1 > t0 else pw)
 
     def sy(v: float) -> float:
-        return top + ph - ph * (v - y0) / (y1 - y0)
+        return c.top + ph - ph * (v - y0) / (y1 - y0)
 
-    parts = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
-             f'aria-label="cumulative top-1 accuracy over time">']
     ticks = max(1, round((y1 - y0) / step))
-    for k in range(ticks + 1):
-        yv = y0 + (y1 - y0) * k / ticks
-        y = sy(yv)
-        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eef0f3"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{100 * yv:.0f}%</text>')
+    c.grid = [{"y": sy(y0 + (y1 - y0) * k / ticks), "label": f"{100 * (y0 + (y1 - y0) * k / ticks):.0f}%"}
+              for k in range(ticks + 1)]
     fmt = "%H:%M:%S" if t1 - t0 < 600 else ("%H:%M" if t1 - t0 < 2 * 86400 else "%m-%d %H:%M")
-    for t in _time_ticks(t0, t1):
-        parts.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top + ph}" y2="{top + ph + 4}" '
-                     f'stroke="#9ca3af"/>')
-        parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle">'
-                     f'{_e(_utc(t, fmt))}</text>')
-    parts.append(f'<text x="{left + pw / 2:.1f}" y="{h - 4}" text-anchor="middle">'
-                 f'prediction time (UTC); cumulative, with 95% Wilson band</text>')
-    parts.append(f'<line x1="{left}" x2="{w - right}" y1="{top + ph}" y2="{top + ph}" stroke="#9ca3af"/>')
+    c.time_ticks = [{"x": sx(t), "label": _utc(t, fmt)} for t in _time_ticks(t0, t1)]
+    c.series = []
     for i, name in enumerate(names):
         ps = points.get(name) or []
         if not ps:
             continue
-        color = _e(_color(i))
         upper = " ".join(f"{sx(p['t']):.1f},{sy(p['high']):.1f}" for p in ps)
         lower = " ".join(f"{sx(p['t']):.1f},{sy(p['low']):.1f}" for p in reversed(ps))
-        parts.append(f'<polygon points="{upper} {lower}" fill="{color}" fill-opacity="0.13" stroke="none"/>')
-        line = " ".join(f"{sx(p['t']):.1f},{sy(p['rate']):.1f}" for p in ps)
-        parts.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for p in ps:
-            tip = (f"{name} \u00b7 {_utc(p['t'], '%Y-%m-%d %H:%M')} \u00b7 {_pct(p['rate'])} "
-                   f"[{_pct(p['low'])} \u2013 {_pct(p['high'])}] \u00b7 n={p['n']}")
-            parts.append(f'<circle cx="{sx(p["t"]):.1f}" cy="{sy(p["rate"]):.1f}" r="2.5" fill="{color}">'
-                         f'<title>{_e(tip)}</title></circle>')
-    parts.append("</svg>")
-    return "".join(parts)
+        c.series.append({
+            "color": _color(i),
+            "band": f"{upper} {lower}",
+            "line": " ".join(f"{sx(p['t']):.1f},{sy(p['rate']):.1f}" for p in ps),
+            "points": [{"x": sx(p["t"]), "y": sy(p["rate"]),
+                        "tip": (f"{name} \u00b7 {_utc(p['t'], '%Y-%m-%d %H:%M')} \u00b7 {_pct(p['rate'])} "
+                                f"[{_pct(p['low'])} \u2013 {_pct(p['high'])}] \u00b7 n={p['n']}")} for p in ps],
+        })
+    return c
 
 
 # ---------------------------------------------------------------- sections
 
 
-def _kind_badge(kind: Any) -> str:
-    label = {"significant": "significant", "insufficient_data": "more data needed",
-             "no_difference": "no difference", "no_comparison": "no comparison"}.get(str(kind), str(kind))
-    return f'<span class="kind v-{_e(kind)}">{_e(label)}</span>'
+def _kind(kind: Any) -> dict[str, str]:
+    return {"css": str(kind), "label": _KINDS.get(str(kind), str(kind))}
 
 
 def _variant_card(v: dict[str, Any], i: int, control: Any, span: tuple[int, int] | None,
-                  ymax: float) -> str:
+                  ymax: float) -> dict[str, Any]:
     lat = v.get("latency_s") or {}
-    models = ", ".join(f"{m.get('model')} v{m.get('version')} ({m.get('n_images')} images)"
-                       for m in v.get("models") or [])
-    rows = [
-        ("Images", _e(v.get("n_images", 0))),
-        ("Requests", _e(v.get("n_requests", 0))),
-        ("Latency p50 / p90 / p99",
-         " / ".join(_e(_ms(lat.get(k))) for k in ("p50", "p90", "p99"))),
-        ("Latency mean", _e(_ms(lat.get("mean")))),
-        ("Mean confidence (top-1 score)", _e(_pct(v.get("mean_confidence")))),
-        ("Labelled images", _e(v.get("labelled_n", 0))),
-        ("Top-1 accuracy", _e(_pct((v.get("top1_accuracy") or {}).get("rate"))) + _ci_pct(v.get("top1_accuracy"))),
-        ("Top-5 accuracy", _e(_pct((v.get("top5_accuracy") or {}).get("rate"))) + _ci_pct(v.get("top5_accuracy"))),
-    ]
-    table = "".join(f"<tr><td>{_e(k)}</td><td>{val}</td></tr>" for k, val in rows)
+    top1, top5 = v.get("top1_accuracy") or {}, v.get("top5_accuracy") or {}
     classes = v.get("top1_distribution") or []
-    if classes:
-        top_share = max((_num(c.get("share")) or 0.0) for c in classes) or 1.0
-        crow = []
-        for c in classes:
-            name = c.get("name")
-            label = f"{c.get('class')}" if name is None else f"{name}"
-            share = _num(c.get("share")) or 0.0
-            crow.append(
-                f'<tr><td class="name" title="{_e(label)}">{_e(label)}</td>'
-                f'<td class="num">{_e(c.get("count"))}</td><td class="num">{_e(_pct(share))}</td>'
-                f'<td style="width:35%"><div class="bar" style="width:{100 * share / top_share:.1f}%;'
-                f'background:{_e(_color(i))};opacity:.45"></div></td></tr>')
-        distinct = v.get("distinct_top1_classes")
-        more = f" of {_e(distinct)} distinct" if distinct is not None else ""
-        classes_html = (f'<h4>Top-1 classes (top {len(classes)}{more})</h4>'
-                        f'<table class="classes">{"".join(crow)}</table>')
-    else:
-        classes_html = '<h4>Top-1 classes</h4><div class="empty">no predictions</div>'
-    badge = ' <span class="badge">control</span>' if v.get("name") == control else ""
-    return (
-        f'<div class="card"><h3><span class="swatch" style="background:{_e(_color(i))}"></span>'
-        f'{_e(v.get("name"))}{badge}</h3>'
-        f'<div class="models">{_e(models) if models else "no model served yet"}</div>'
-        f'<table class="figures">{table}</table>'
-        f'<h4>Latency distribution</h4>{_latency_svg(v, _color(i), span, ymax)}'
-        f'{classes_html}</div>'
-    )
+    top_share = max(((_num(c.get("share")) or 0.0) for c in classes), default=0.0) or 1.0
+    return {
+        "name": v.get("name"),
+        "color": _color(i),
+        "control": v.get("name") == control,
+        "models": ", ".join(f"{m.get('model')} v{m.get('version')} ({m.get('n_images')} images)"
+                            for m in v.get("models") or []),
+        "figures": [
+            ("Images", v.get("n_images", 0), None),
+            ("Requests", v.get("n_requests", 0), None),
+            ("Latency p50 / p90 / p99", " / ".join(_ms(lat.get(k)) for k in ("p50", "p90", "p99")), None),
+            ("Latency mean", _ms(lat.get("mean")), None),
+            ("Mean confidence (top-1 score)", _pct(v.get("mean_confidence")), None),
+            ("Labelled images", v.get("labelled_n", 0), None),
+            ("Top-1 accuracy", _pct(top1.get("rate")), _ci_pct(top1)),
+            ("Top-5 accuracy", _pct(top5.get("rate")), _ci_pct(top5)),
+        ],
+        "chart": _latency_chart(v, _color(i), span, ymax),
+        "classes": [{"label": str(c.get("class") if c.get("name") is None else c.get("name")),
+                     "count": c.get("count"),
+                     "share": _pct(_num(c.get("share")) or 0.0),
+                     "bar": 100 * (_num(c.get("share")) or 0.0) / top_share} for c in classes],
+        "distinct": v.get("distinct_top1_classes"),
+    }
 
 
-def _comparisons_table(report: dict[str, Any]) -> str:
-    comps = report.get("comparisons") or []
-    if not comps:
-        return '<div class="panel"><div class="empty">fewer than two primary variants: nothing to compare</div></div>'
-    head = ("<tr><th>Variant vs control</th><th class='num'>Labelled (variant / control)</th>"
-            "<th class='num'>Top-1 difference [95% CI]</th><th class='num'>z</th>"
-            "<th class='num'>p</th><th class='num'>\u03b1</th><th>Verdict</th></tr>")
-    rows = []
-    for c in comps:
-        diff = _e(_pp(c.get("difference")))
-        if _num(c.get("low")) is not None and _num(c.get("high")) is not None:
-            diff += f'<span class="ci">[{_e(_pp(c["low"]))}, {_e(_pp(c["high"]))}]</span>'
-        z = _num(c.get("z"))
-        p = _num(c.get("p_value"))
-        alpha = _num(c.get("alpha"))
-        rows.append(
-            f"<tr><td>{_e(c.get('variant'))} vs {_e(c.get('control'))}</td>"
-            f"<td class='num'>{_e(c.get('variant_n'))} / {_e(c.get('control_n'))}</td>"
-            f"<td class='num'>{diff}</td>"
-            f"<td class='num'>{_DASH if z is None else _e(f'{z:.2f}'.replace('-', _MINUS))}</td>"
-            f"<td class='num'>{_DASH if p is None else _e(f'{p:.3g}')}</td>"
-            f"<td class='num'>{_DASH if alpha is None else _e(f'{alpha:.3g}')}</td>"
-            f"<td>{_kind_badge(c.get('verdict_kind'))} {_e(c.get('verdict'))}</td></tr>")
-    return f'<div class="panel"><table>{head}{"".join(rows)}</table></div>'
+def _comparison_row(c: dict[str, Any]) -> dict[str, Any]:
+    has_interval = _num(c.get("low")) is not None and _num(c.get("high")) is not None
+    return {
+        "variant": c.get("variant"), "control": c.get("control"),
+        "variant_n": c.get("variant_n"), "control_n": c.get("control_n"),
+        "difference": _pp(c.get("difference")),
+        "interval": (_pp(c["low"]), _pp(c["high"])) if has_interval else None,
+        "z": _fixed(c.get("z"), ".2f").replace("-", _MINUS),
+        "p": _fixed(c.get("p_value"), ".3g"),
+        "alpha": _fixed(c.get("alpha"), ".3g"),
+        "kind": _kind(c.get("verdict_kind")),
+        "verdict": c.get("verdict"),
+    }
 
 
-def _shadow_table(report: dict[str, Any]) -> str:
-    comps = report.get("shadow_comparisons") or []
-    shed = report.get("shadow_shed") or {}
-    if not comps:
-        return '<div class="panel"><div class="empty">no shadows in this experiment</div></div>'
-    head = ("<tr><th>Primary \u2192 shadow</th><th class='num'>Pairs</th>"
-            "<th class='num'>Top-1 agreement [95% CI]</th><th class='num'>Mean top-5 overlap</th>"
-            "<th class='num'>Latency diff median</th><th class='num'>Latency diff mean</th></tr>")
-    rows = []
-    for c in comps:
-        agree = c.get("top1_agreement") or {}
-        lat = c.get("latency_diff_s") or {}
-        rows.append(
-            f"<tr><td>{_e(c.get('primary'))} \u2192 {_e(c.get('shadow'))}</td>"
-            f"<td class='num'>{_e(c.get('n_pairs', 0))}</td>"
-            f"<td class='num'>{_e(_pct(agree.get('rate')))}{_ci_pct(agree)}</td>"
-            f"<td class='num'>{_e(_pct(c.get('mean_top5_overlap')))}</td>"
-            f"<td class='num'>{_e(_ms_signed(lat.get('median')))}</td>"
-            f"<td class='num'>{_e(_ms_signed(lat.get('mean')))}</td></tr>")
-    shed_text = ", ".join(f"{_e(k)}: {_e(n)}" for k, n in shed.items())
-    note = ('<div class="meta" style="margin-top:6px">Latency difference is shadow minus primary per '
-            'image, both measured as time in the model\'s queue plus inference.'
-            + (f" Shadow images shed under load: {shed_text}." if shed_text else "") + "</div>")
-    return f'<div class="panel"><table>{head}{"".join(rows)}</table>{note}</div>'
+def _shadow_row(c: dict[str, Any]) -> dict[str, Any]:
+    agree = c.get("top1_agreement") or {}
+    lat = c.get("latency_diff_s") or {}
+    return {
+        "primary": c.get("primary"), "shadow": c.get("shadow"), "pairs": c.get("n_pairs", 0),
+        "agreement": _pct(agree.get("rate")), "interval": _ci_pct(agree),
+        "overlap": _pct(c.get("mean_top5_overlap")),
+        "median": _ms_signed(lat.get("median")), "mean": _ms_signed(lat.get("mean")),
+    }
 
 
-def render_report_html(report: dict[str, Any]) -> str:
-    """A complete HTML document for a report from :func:`build_report`."""
-    name = report.get("experiment", "")
-    variants = list(report.get("variants") or [])
-    control = report.get("control")
+def _meta(report: dict[str, Any]) -> list[str]:
+    """The header's line under the title: when, the control, and the statistical settings."""
     settings = report.get("settings") or {}
-    kind = report.get("verdict_kind", "no_comparison")
-    span = _hist_range(variants)
-    ymax = _hist_ymax(variants, span)
-    cards = "".join(_variant_card(v, i, control, span, ymax) for i, v in enumerate(variants))
-    if not cards:
-        cards = '<div class="card"><div class="empty">no primary variants</div></div>'
-    legend = "".join(f'<span><span class="swatch" style="background:{_e(_color(i))}"></span>'
-                     f'{_e(v.get("name"))}</span>' for i, v in enumerate(variants))
-    meta = [f"Generated {_e(_utc(report.get('generated_at')))}"]
-    if control is not None:
-        meta.append(f"control: {_e(control)}")
+    meta = [f"Generated {_utc(report.get('generated_at'))}"]
+    if report.get("control") is not None:
+        meta.append(f"control: {report['control']}")
     conf = _num(settings.get("confidence"))
     if conf is not None:
         meta.append(f"{100 * conf:g}% intervals")
     if _num(settings.get("alpha")) is not None:
-        meta.append(f"\u03b1 = {_e(settings['alpha'])}, at least {_e(settings.get('min_n'))} "
-                    f"labelled per variant")
+        meta.append(f"\u03b1 = {settings['alpha']}, at least {settings.get('min_n')} labelled per variant")
     unlisted = report.get("unlisted") or {}
     if unlisted.get("primaries") or unlisted.get("shadow_pairs"):
-        meta.append(f"left out (variants not in the report): {_e(unlisted.get('primaries', 0))} "
-                    f"predictions, {_e(unlisted.get('shadow_pairs', 0))} shadow pairs")
-    sep = " \u00b7 "
-    return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>{_e(name)} \u00b7 experiment report</title><style>{_CSS}</style></head><body><main>"
-        f'<header><div class="kicker">archserve \u00b7 A/B experiment report</div>'
-        f"<h1>{_e(name)}</h1><div class=\"meta\">{sep.join(meta)}</div>"
-        f'<div class="verdict v-{_e(kind)}"><span class="tag">Verdict</span>'
-        f'{_e(report.get("verdict", ""))}</div></header>'
-        f"<h2>Variants</h2><div class=\"cards\">{cards}</div>"
-        f"<h2>Top-1 accuracy against the control</h2>{_comparisons_table(report)}"
-        f'<h2>Top-1 accuracy over time</h2><div class="panel"><div class="legend">{legend}</div>'
-        f"{_accuracy_svg(report)}</div>"
-        f"<h2>Shadow comparisons</h2>{_shadow_table(report)}"
-        "<footer>Accuracy counts labelled images (feedback received). Intervals: Wilson score for "
-        "proportions, Newcombe hybrid score for differences. p: two-sided pooled two-proportion "
-        "z-test; with several variants each is tested at a Bonferroni-corrected \u03b1.</footer>"
-        "</main></body></html>\n"
+        meta.append(f"left out (variants not in the report): {unlisted.get('primaries', 0)} "
+                    f"predictions, {unlisted.get('shadow_pairs', 0)} shadow pairs")
+    return meta
+
+
+def render_report_html(report: dict[str, Any]) -> str:
+    """A complete HTML document for a report from :func:`build_report`."""
+    variants = list(report.get("variants") or [])
+    control = report.get("control")
+    span = _hist_range(variants)
+    ymax = _hist_ymax(variants, span)
+    return _ENV.get_template("report.html").render(
+        name=report.get("experiment", ""),
+        meta=_meta(report),
+        kind=report.get("verdict_kind", "no_comparison"),
+        verdict=report.get("verdict", ""),
+        variants=[_variant_card(v, i, control, span, ymax) for i, v in enumerate(variants)],
+        comparisons=[_comparison_row(c) for c in report.get("comparisons") or []],
+        accuracy=_accuracy_chart(report),
+        shadows=[_shadow_row(c) for c in report.get("shadow_comparisons") or []],
+        shed=", ".join(f"{k}: {n}" for k, n in (report.get("shadow_shed") or {}).items()),
     )

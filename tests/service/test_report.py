@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import html
 import json
 import re
 import subprocess
 import sys
+import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
 
+import markupsafe
 import numpy as np
 import pytest
 
@@ -247,7 +248,7 @@ def test_no_data_at_all(variants):
     assert len(rep["shadow_comparisons"]) == len(variants)
     page = render_report_html(rep)
     assert "<svg" not in page  # nothing to chart
-    assert html.escape(rep["verdict"]) in page
+    assert escaped(rep["verdict"]) in page
 
 
 def test_single_timestamp_gives_one_bucket():
@@ -289,18 +290,24 @@ def _page(report_dict):
     return render_report_html(json.loads(json.dumps(report_dict)))
 
 
+def escaped(text: str) -> str:
+    """``text`` as the page's autoescaping writes it (MarkupSafe: ``"`` is ``&#34;``, where ``html.escape``
+    writes ``&quot;``; the same text to a browser)."""
+    return str(markupsafe.escape(text))
+
+
 def test_html_content_and_escaping():
     data = hand_data()
     data.experiment = 'exp <b>"bold"</b> & co'
     rep = build_report(data, variants=["A", "B", "C"], shadows=["S"], labels={"A": NAMES}, now=5000.0)
     page = _page(rep)
     assert page.startswith("<!doctype html>")
-    assert html.escape(data.experiment) in page
+    assert escaped(data.experiment) in page
     assert data.experiment not in page
-    assert html.escape(rep["verdict"]) in page
+    assert escaped(rep["verdict"]) in page
     assert "<svg" in page and "<polyline" in page and "<rect" in page
     assert XSS not in page
-    assert html.escape(XSS) in page
+    assert escaped(XSS) in page
     assert "<script" not in page.lower()
     checker = _Balance()
     checker.feed(page)
@@ -325,7 +332,19 @@ def test_html_escapes_variant_and_shadow_names():
     page = _page(rep)
     assert bad not in page and XSS not in page
     assert "<img" not in page
-    assert html.escape(bad) in page and html.escape(XSS) in page
+    assert escaped(bad) in page and escaped(XSS) in page
+
+
+def test_html_escapes_a_script_experiment_and_variant_name():
+    r = rec("r", (1, 2), variant=XSS)
+    data = ExperimentData(XSS, [lp(r, 1), lp(rec("q", (1, 2), variant="ok"), 2)])
+    page = _page(build_report(data, variants=[XSS, "ok"], shadows=[], now=0.0))
+    assert "<script" not in page.lower()
+    assert f"<title>{escaped(XSS)} \u00b7 experiment report</title>" in page
+    assert f"<h1>{escaped(XSS)}</h1>" in page
+    assert f'aria-label="latency histogram of {escaped(XSS)}"' in page
+    assert f"<td>ok vs {escaped(XSS)}</td>" in page  # the control, in the comparisons table
+    assert page.count(escaped(XSS)) >= 6  # title, h1, meta's control, card, legend, comparison, chart tips
 
 
 def test_service_modules_do_not_import_scipy():
@@ -333,3 +352,13 @@ def test_service_modules_do_not_import_scipy():
             "service.experiments.stats; sys.exit('scipy' in sys.modules)")
     root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, timeout=60).returncode == 0
+
+
+def test_the_templates_ship_with_the_package():
+    """A non-editable install (the image's ``pip install``) carries only the data files pyproject.toml names."""
+    root = Path(__file__).resolve().parents[2]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = setuptools["package-data"]["service.experiments"]
+    package = root / "service" / "experiments"
+    templates = [p.relative_to(package) for p in (package / "templates").iterdir() if p.is_file()]
+    assert templates and all(any(t.match(g) for g in globs) for t in templates), (templates, globs)
