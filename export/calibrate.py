@@ -7,10 +7,9 @@ set them to the statistics the network actually produces.
 
 Residual branches are also damped (last batch-norm scale 0.2, in the spirit of
 torchvision's ``zero_init_residual``): with unit-scale branches the residual
-stream grows with depth and a random ResNet-101's fp16 logits drift by 0.2 on a
-range of 42, so fp16 and fp32 pick the same class for only ~81% of images; with
-damping the drift is 0.01 and agreement 99-100% (ResNet-18 to -152, measured).
-Checkpoints are loaded instead of all this.
+stream grows with depth until fp16 and fp32 of a deep random ResNet disagree on
+the top class for many images (docs/benchmarks.md). Checkpoints are loaded
+instead of all this.
 """
 
 from __future__ import annotations

@@ -134,13 +134,12 @@ _startup_frozen = False
 def freeze_startup_objects() -> None:
     """Take what startup left alive out of the cyclic GC's scans, once per process.
 
-    The ~80k objects the imports and the app leave (modules, classes, FastAPI
-    and pydantic internals) live as long as the process, yet every full
-    collection walked them all on whichever thread tripped it: measured at 16
-    clients, a ~50 ms pass on the event loop every ~1500 requests, ~5% of its
-    CPU per request (after: ~2k objects left to scan). Done before any model
-    loads, so a model version retired later is still freed; garbage from
-    before is collected first rather than frozen.
+    The objects the imports and the app leave (modules, classes, FastAPI and
+    pydantic internals) live as long as the process, yet every full collection
+    would walk them all on whichever thread tripped it, the event loop included
+    (docs/benchmarks.md). Done before any model loads, so a model version
+    retired later is still freed; garbage from before is collected first
+    rather than frozen.
     """
     global _startup_frozen
     if _startup_frozen:

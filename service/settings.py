@@ -42,9 +42,8 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per session; 0 = one per core.")
     instances: int = Field(
         0, ge=0,
-        description="Concurrent batches per model; 0 = 1. On an H200, two instances once made every batch ~240 ms; "
-        "that was traced to batch-size changes on one CUDA session (fixed by session_per_batch_size), but two "
-        "instances have not been measured since (docs/benchmarks.md), so raise it only after measuring.",
+        description="Concurrent batches per model; 0 = 1. Two may let a GPU copy overlap compute, but that is "
+        "unmeasured with per-size sessions (docs/benchmarks.md): raise it only after measuring.",
     )
     cpu_lanes: int = Field(
         0, ge=0,
@@ -52,7 +51,7 @@ class Settings(BaseSettings):
         "threads (cores = intra_op_threads if set), while a request that finds the model idle runs alone on every "
         "core. onnxruntime splits each "
         "operator across its threads and waits for the slowest, so one session on all cores loses about as much "
-        "CPU as decoding takes from it; batches side by side do not (README, Performance). 0 = auto: 2 where "
+        "CPU as decoding takes from it; batches side by side do not (docs/benchmarks.md). 0 = auto: 2 where "
         "there are at least 2 cores, unless instances is set or workers > 1; 1 = off.",
     )
     pad_batches: Literal["auto", "always", "never"] = Field(
@@ -64,8 +63,8 @@ class Settings(BaseSettings):
     session_per_batch_size: Literal["auto", "always", "never"] = Field(
         "auto",
         description="With padded batches, one onnxruntime session per padded size instead of one for all: a CUDA "
-        "session that changes batch size rebuilds its cuDNN plans (~200 ms per change for ResNet-50 on an H200, "
-        "docs/benchmarks.md). Costs a copy of the weights per size. auto = on CUDA only.",
+        "session that changes batch size rebuilds its cuDNN plans, a stall of hundreds of ms per change "
+        "(docs/benchmarks.md). Costs a copy of the weights per size. auto = on CUDA only.",
     )
 
     # Batching and limits

@@ -3,7 +3,7 @@
 CUDA runs the fp16 file (prefer_nhwc, cuDNN exhaustive search, bounded arena);
 the CPU runs the fp32 one. On CUDA an engine can hold one session per batch
 size (``specialise``): a session that changes input shape rebuilds its cuDNN
-plans, which on an H200 cost ~200 ms per change (docs/benchmarks.md).
+plans, a stall of hundreds of milliseconds per change (docs/benchmarks.md).
 onnxruntime falls back to the CPU silently when the CUDA libraries are
 missing, so the provider is read back from the session and reported, never
 assumed.
@@ -122,8 +122,7 @@ class OnnxEngine:
         """Give each of ``batch_sizes`` a session of its own; batches of other sizes use the shared one.
 
         A CUDA session keeps cuDNN plans for the last input shape it ran; with batches of changing size it
-        searched again on every change (~200 ms for ResNet-50 on an H200, docs/benchmarks.md). A session
-        per padded size never changes shape. Costs one copy of the weights (and one arena) per size.
+        searched again on every change (docs/benchmarks.md). A session per padded size never changes shape. Costs one copy of the weights (and one arena) per size.
         """
         cuda = self.provider == CUDA
         for size in batch_sizes:
@@ -156,9 +155,7 @@ class OnnxEngine:
         if config.intra_op_threads:
             options.intra_op_num_threads = config.intra_op_threads
         # onnxruntime's pool threads otherwise spin for a while after each run, on cores that decoding and the
-        # event loop need next. At 1 client on 2 cores: 9% (resnet50) and 20% (resnet18) less CPU per image;
-        # p50 -0.7 ms in one A/B, unchanged in another; no change at 16 clients (README, "How a request is
-        # served").
+        # event loop need next (docs/benchmarks.md).
         options.add_session_config_entry("session.force_spinning_stop", "1")
         providers: list = [CPU]
         if cuda:

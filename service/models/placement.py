@@ -78,7 +78,7 @@ def cpu_lanes(settings: Settings, provider: str, padded_sizes: list[int] | None)
     """How many batches of a model run at once on the CPU provider, each on ``cpu_cores // lanes`` threads (1:
     one at a time, on all of them). Explicit ``cpu_lanes`` wins; auto (0) is 2 where there are at least 2 cores,
     unless ``instances`` is set or there are several worker processes (each would count all the cores as its
-    own; measured with one). Never with padded batches (their sessions are per size)."""
+    own). Never with padded batches (their sessions are per size)."""
     if provider != CPU or padded_sizes:
         return 1
     if settings.cpu_lanes:
