@@ -14,11 +14,7 @@ calls for one image, on any replicas, exactly one creates the feedback, the
 others see its label (``"duplicate"`` or :class:`ConflictingFeedbackError`).
 Reads run in ``REPEATABLE READ`` transactions, so a report sees one snapshot.
 
-Schema: created on first use (``CREATE TABLE IF NOT EXISTS``) in the first schema
-of the connection's ``search_path`` (``public`` unless the URL says otherwise,
-e.g. ``?options=-c%20search_path%3Darchserve``); ``archserve_schema_version``
-holds its version. Creation and migrations run under a transaction-level advisory
-lock, so replicas starting together do not race.
+Schema: created or migrated on open, one replica at a time (``postgres_schema``).
 
 Retention: as in :class:`~service.store.sqlite.SQLiteStore`: predictions older than
 ``retention_days`` and, beyond ``max_predictions`` rows, the oldest go, with the
@@ -31,14 +27,12 @@ Credentials: the URL's password is never logged nor put in a message or repr.
 
 from __future__ import annotations
 
-import logging
 import math
 import operator
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
@@ -50,60 +44,10 @@ from .base import (
     FeedbackOutcome,
     StoreError,
 )
+from .postgres_errors import TransientError, describe_url, parse_error, translate_errors
+from .postgres_schema import LOCK_ARGS, PRUNE_LOCK, migrate
 from .records import ExperimentData, LabelledPrediction, PredictionRecord, ShadowPair
 from .rows import COLUMNS, N_COLUMNS, PruneSchedule, check_feedback, columns, record_of, row_of
-
-log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1  # archserve_schema_version.version of a database this code writes
-
-# Text columns compare and sort bytewise (COLLATE "C"), as in SQLite, whatever the database's locale.
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS predictions (
-        id          bigint GENERATED ALWAYS AS IDENTITY,  -- insertion order, to break ties on created_at
-        request_id  text COLLATE "C" NOT NULL,
-        image_index bigint NOT NULL,
-        experiment  text COLLATE "C" NOT NULL,
-        variant     text COLLATE "C" NOT NULL,
-        role        text COLLATE "C" NOT NULL CHECK (role IN ('primary', 'shadow')),
-        model       text COLLATE "C" NOT NULL,
-        version     bigint NOT NULL,
-        top5        bigint[] NOT NULL,            -- class indices, best first
-        top5_scores double precision[] NOT NULL,  -- probabilities matching top5
-        latency_s   double precision NOT NULL,
-        created_at  double precision NOT NULL,    -- unix time
-        PRIMARY KEY (request_id, image_index, role, variant)
-    )
-    """,
-    # The primary key's index serves look-ups by (request_id, image_index[, role]).
-    "CREATE INDEX IF NOT EXISTS predictions_by_experiment ON predictions (experiment, created_at)",
-    "CREATE INDEX IF NOT EXISTS predictions_by_age ON predictions (created_at, id)",  # retention, oldest first
-    """
-    CREATE TABLE IF NOT EXISTS feedback (
-        request_id  text COLLATE "C" NOT NULL,
-        image_index bigint NOT NULL,
-        label       bigint NOT NULL,
-        received_at double precision NOT NULL,  -- unix time
-        PRIMARY KEY (request_id, image_index)
-    )
-    """,
-)
-_VERSION_TABLE = """
-    CREATE TABLE IF NOT EXISTS archserve_schema_version (
-        singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-        version    integer NOT NULL,
-        updated_at timestamptz NOT NULL DEFAULT now()
-    )
-"""
-
-# Statements that take a database from version N-1 to N, for N in 2..SCHEMA_VERSION.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
-
-# Advisory lock keys (first half; the second is a hash of the schema, so each schema has its own).
-_MIGRATION_LOCK = 0x41726D31  # "Arm1"
-_PRUNE_LOCK = 0x41727031  # "Arp1"
-_LOCK_ARGS = "%s, hashtext(coalesce(current_schema(), ''))"
 
 _INSERT = f"INSERT INTO predictions ({COLUMNS}) VALUES ({', '.join(['%s'] * N_COLUMNS)}) ON CONFLICT DO NOTHING"
 _ATTEMPTS = 3  # tries of a write that PostgreSQL rolled back to break a deadlock
@@ -124,37 +68,6 @@ def _row_of(record: PredictionRecord) -> tuple:
 
 def _record_of(row: Sequence, start: int = 0) -> PredictionRecord:
     return record_of(row, list, start)
-
-
-def _parse_error(url: str, exc: Exception) -> str:
-    """libpq's complaint about ``url``, unless it quotes the URL (and so perhaps its password)."""
-    text = str(exc).strip()
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    if password:
-        text = text.replace(password, "***")
-    if "://" in text or "password" in text.lower() or "@" in text:
-        return "(libpq's message not shown: it quotes the URL, which may hold a password)"
-    return text
-
-
-def describe_url(url: str) -> str:
-    """``user@host:port/dbname`` of a libpq URL or conninfo string; never the password."""
-    try:
-        params = pg_conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "an unparsable PostgreSQL URL"
-    host = str(params.get("host") or params.get("hostaddr") or "the local socket")
-    port = str(params.get("port") or "5432")
-    user = params.get("user")
-    where = f"{host}:{port}/{params.get('dbname') or user or '(default database)'}"
-    return f"{user}@{where}" if user else where
-
-
-class _TransientError(StoreError):
-    """PostgreSQL rolled the transaction back (deadlock, serialization failure); running it again may work."""
 
 
 class PostgresStore(PruneSchedule, ExperimentStore):
@@ -178,7 +91,7 @@ class PostgresStore(PruneSchedule, ExperimentStore):
             params = pg_conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
             raise StoreError(
-                f"cannot parse the PostgreSQL URL: {_parse_error(url, exc)}; expected "
+                f"cannot parse the PostgreSQL URL: {parse_error(url, exc)}; expected "
                 "postgresql://USER:PASSWORD@HOST:PORT/DATABASE[?PARAM=VALUE...]; check ARCHSERVE_STORE_URL"
             ) from None
         self.connect_timeout_s = float(connect_timeout_s)
@@ -201,8 +114,8 @@ class PostgresStore(PruneSchedule, ExperimentStore):
                 "ARCHSERVE_STORE_URL (host, port, database, user and password) and that the server is up"
             ) from None
         try:
-            with conn, self._errors("create or migrate the schema"):
-                self._migrate(conn)
+            with conn, translate_errors("create or migrate the schema", self.where, self._scrub):
+                migrate(conn, self.where)
         except BaseException:
             if not conn.closed:
                 conn.close()
@@ -247,7 +160,7 @@ class PostgresStore(PruneSchedule, ExperimentStore):
                     cur.executemany(_INSERT, rows)
                     inserted = cur.rowcount
                 break
-            except _TransientError:
+            except TransientError:
                 # A deadlock with a concurrent batch holding some of the same keys (a retry racing its original):
                 # PostgreSQL rolled this one back; run it again.
                 if attempt == _ATTEMPTS - 1:
@@ -260,7 +173,7 @@ class PostgresStore(PruneSchedule, ExperimentStore):
         for attempt in range(_ATTEMPTS):
             try:
                 return self._add_feedback_once(request_id, image_index, label, float(received_at))
-            except _TransientError:
+            except TransientError:
                 if attempt == _ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
@@ -364,7 +277,7 @@ class PostgresStore(PruneSchedule, ExperimentStore):
         removed = 0
         while True:
             with self._connection("apply retention") as conn, conn.transaction():
-                conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ARGS})", (_PRUNE_LOCK,))
+                conn.execute(f"SELECT pg_advisory_xact_lock({LOCK_ARGS})", (PRUNE_LOCK,))
                 aged, total = conn.execute(
                     "SELECT count(*) FILTER (WHERE created_at < %s), count(*) FROM predictions", (cutoff,)
                 ).fetchone()
@@ -427,7 +340,7 @@ class PostgresStore(PruneSchedule, ExperimentStore):
         pool = self._pool
         if pool is None:
             raise StoreError(f"cannot {action}: the experiment store at {self.where} is closed; open a new store")
-        with self._errors(action):
+        with translate_errors(action, self.where, self._scrub):
             try:
                 with pool.connection() as conn:
                     yield conn
@@ -442,30 +355,6 @@ class PostgresStore(PruneSchedule, ExperimentStore):
                     "server and ARCHSERVE_STORE_URL"
                 ) from None
 
-    @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except psycopg.Error as exc:
-            state = exc.sqlstate or ""
-            # The server's one-line message, without the statement's text and caret that str() adds.
-            text = self._scrub((exc.diag.message_primary if state else None) or str(exc).strip())
-            if state.startswith("40"):  # deadlock or serialization failure: PostgreSQL rolled the transaction back
-                raise _TransientError(
-                    f"cannot {action} in PostgreSQL at {self.where}: {text} (a clash with concurrent writers); retry"
-                ) from None
-            if isinstance(exc, psycopg.OperationalError) and (not state or state.startswith(("08", "57P"))):
-                raise StoreError(  # the connection broke, or the server is shutting down or restarting
-                    f"cannot {action}: lost PostgreSQL at {self.where} ({text}); retry, "
-                    "and check the server and ARCHSERVE_STORE_URL"
-                ) from None
-            if state == "42501":  # insufficient_privilege
-                text += (
-                    "; the user needs CREATE on the schema (on PostgreSQL 15+ not granted on 'public' to other "
-                    "users than the database's owner) the first time, then SELECT, INSERT and DELETE on its tables"
-                )
-            raise StoreError(f"cannot {action} in PostgreSQL at {self.where}: {text}") from None
-
     @staticmethod
     @contextmanager
     def _snapshot(conn: psycopg.Connection) -> Iterator[None]:
@@ -473,36 +362,3 @@ class PostgresStore(PruneSchedule, ExperimentStore):
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             yield
-
-    def _migrate(self, conn: psycopg.Connection) -> None:
-        with conn.transaction():
-            (schema,) = conn.execute("SELECT current_schema()").fetchone()
-            if schema is None:
-                raise StoreError(
-                    f"PostgreSQL at {self.where}: no schema of the search_path exists to create the store's "
-                    "tables in; create it, or fix the search_path option of ARCHSERVE_STORE_URL"
-                )
-            # Replicas starting together wait here for the first to finish; none sees half a schema.
-            conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ARGS})", (_MIGRATION_LOCK,))
-            conn.execute(_VERSION_TABLE)
-            row = conn.execute("SELECT version FROM archserve_schema_version").fetchone()
-            version = 0 if row is None else row[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"PostgreSQL at {self.where} (schema {schema!r}) has schema version {version}, newer than this "
-                    f"archserve supports ({SCHEMA_VERSION}); upgrade archserve or use another database or schema"
-                )
-            if version == SCHEMA_VERSION:
-                return  # up to date: touch nothing (CREATE INDEX IF NOT EXISTS would lock out writers briefly)
-            if version:  # an existing database: bring it up to date; a new one gets _SCHEMA as is
-                for target in range(version + 1, SCHEMA_VERSION + 1):
-                    for statement in _MIGRATIONS[target]:
-                        conn.execute(statement)
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            conn.execute(
-                "INSERT INTO archserve_schema_version (singleton, version) VALUES (true, %s) "
-                "ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version, updated_at = now()",
-                (SCHEMA_VERSION,),
-            )
-            log.info("experiment store at %s: schema %r at version %d", self.where, schema, SCHEMA_VERSION)
