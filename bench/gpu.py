@@ -57,7 +57,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import loadgen
+from .http_client import Target, run_async
+from .images import make_jpegs
+from .prom import scrape
 from .run import PY, ROOT, CpuMeter, Server, _get, free_port, git_state
 
 STEPS = ("facts", "export", "decode", "engine", "sessions", "serve")
@@ -223,7 +225,7 @@ def decode_ceiling(sizes: list[tuple[int, int]], seconds: float, processes: int,
     out = {}
     ctx = multiprocessing.get_context("fork")
     for width, height in sizes:
-        images = loadgen.make_jpegs(4, width, height)
+        images = make_jpegs(4, width, height)
         row = {"size": f"{width}x{height}", "jpeg_bytes": sum(map(len, images)) // len(images)}
         for label, n in (("one_process", 1), ("all_cores", processes)):
             with ctx.Pool(n) as pool:
@@ -404,13 +406,10 @@ def _summary(report: dict) -> str:
 def loaded_workers(server: Server) -> int:
     """How many worker processes have loaded their models: the distinct ``pid`` labels of ``archserve_model_info``
     in one scrape (a worker sets its model info once loaded; multiprocess mode merges every live worker)."""
-    status, body = None, b""
+    samples = None
     with contextlib.suppress(Exception):  # a scrape that fails counts as none loaded; the caller retries
-        status, body = loadgen.run_async(loadgen.http_get(loadgen.Target("127.0.0.1", server.port), "/metrics"))
-    if status != 200:
-        return 0
-    samples = loadgen.parse_metrics(body.decode(errors="replace"))
-    return len({dict(labels).get("pid") for name, labels in samples if name == "archserve_model_info"})
+        samples = run_async(scrape(Target("127.0.0.1", server.port)))
+    return len({dict(labels).get("pid") for name, labels in samples or {} if name == "archserve_model_info"})
 
 
 def wait_for_workers(server: Server, workers: int, timeout: float = 120.0) -> int:

@@ -49,7 +49,10 @@ from pathlib import Path
 
 from service import threads
 
-from . import loadgen
+from .http_client import Target, http_get, run_async
+from .images import make_jpegs
+from .load import closed_loop
+from .loadgen import format_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -293,14 +296,14 @@ class Server:
         """Seconds until ``/health/ready`` answers 200; fails at once if the server exits or says its start
         failed (archserve's ``"status": "failed"``, e.g. CUDA required and the CPU got)."""
         started = time.monotonic()
-        target = loadgen.Target("127.0.0.1", self.port)
+        target = Target("127.0.0.1", self.port)
         while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.label} exited with {self.proc.returncode} before it was ready; "
                                    f"log: {self.log_path}\n{self.log_tail()}")
             body = None
             with contextlib.suppress(Exception):
-                status, raw = loadgen.run_async(loadgen.http_get(target, "/health/ready", timeout=2.0))
+                status, raw = run_async(http_get(target, "/health/ready", timeout=2.0))
                 if status == 200:
                     return time.monotonic() - started
                 body = json.loads(raw)
@@ -310,7 +313,7 @@ class Server:
         raise RuntimeError(f"{self.label} was not ready within {timeout:g}s; log: {self.log_path}\n{self.log_tail()}")
 
     def get_json(self, path: str):
-        status, body = loadgen.run_async(loadgen.http_get(loadgen.Target("127.0.0.1", self.port), path))
+        status, body = run_async(http_get(Target("127.0.0.1", self.port), path))
         return json.loads(body) if status == 200 else None
 
     def log_tail(self, lines: int = 20) -> str:
@@ -359,7 +362,7 @@ def load_points(server: Server, model: str, args, images: list[bytes]) -> dict:
     for clients in args.clients:
         def point() -> dict:
             meter = CpuMeter(server.proc.pid)
-            report = loadgen.run_async(loadgen.closed_loop(
+            report = run_async(closed_loop(
                 server.url, model, clients, args.duration, warmup=args.warmup, images=images, timeout=args.timeout,
             ))
             report["cpu"] = meter.stop()
@@ -370,7 +373,7 @@ def load_points(server: Server, model: str, args, images: list[bytes]) -> dict:
                     report["cpu"]["server_threads_core_ms_per_img"] = {
                         k: round(1000 * v / report["throughput_img_s"], 2)
                         for k, v in report["cpu"]["server_threads_cores"].items()}
-            print(loadgen.format_report(report), flush=True)
+            print(format_report(report), flush=True)
             print(f"  cpu cores: {report['cpu']}", flush=True)
             return report
 
@@ -726,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {machine['loadavg_start'][0]:.2f}; {args.duration:g}s per load point", flush=True)
 
     ensure_models(models_dir, models)
-    images = loadgen.make_jpegs()
+    images = make_jpegs()
     results: dict = {"machine": machine, "config": {
         "models": models, "models_dir": str(models_dir), "duration_s": args.duration, "warmup_s": args.warmup,
         "clients": args.clients, "batch_sizes": args.batch_sizes, "engine_budget_s": args.engine_budget_s,

@@ -1,4 +1,4 @@
-"""bench/loadgen.py against a real archserve server (uvicorn, a real exported resnet18): every protocol and batch mode.
+"""python -m bench.loadgen (and bench.load's loops) against a real archserve server (uvicorn, a real exported resnet18): every protocol and batch mode.
 
 Each load run is short (0.5 s warm-up, 1.5 s measured, 2 clients); the server's
 own /metrics, read independently of the load generator, must account for at
@@ -7,17 +7,15 @@ least every image the load generator counted as answered.
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import loadgen
+from bench.http_client import run_async
+from bench.load import closed_loop, open_loop
 from tests.images import jpeg
 from tests.service.server import free_port, running_server, serving
 
@@ -89,7 +87,7 @@ def test_load_counts_every_image(server, tmp_path, capsys, protocol, batch, size
 
 
 def test_open_loop_counts_images(server):
-    report = loadgen.run_async(loadgen.open_loop(
+    report = run_async(open_loop(
         server, MODEL, rate=8, duration=1.0, warmup=0.3, protocol="v2", batch=2, distinct=3,
     ))
     assert report["errors"] == {} and report["ok"] == report["requests"] > 0
@@ -105,7 +103,7 @@ def test_v2_unknown_model_is_a_clear_error(server, capsys):
     err = capsys.readouterr().err
     assert "GET /v2/models/no-such-model answered 404" in err and "not served" in err and MODEL in err
     with pytest.raises(RuntimeError, match="no-such-model"):
-        loadgen.run_async(loadgen.closed_loop(server, "no-such-model", 1, 1.0, warmup=0, protocol="v2"))
+        run_async(closed_loop(server, "no-such-model", 1, 1.0, warmup=0, protocol="v2"))
 
 
 def test_v2_against_a_server_without_the_protocol(exported_repo, capsys):
@@ -116,7 +114,7 @@ def test_v2_against_a_server_without_the_protocol(exported_repo, capsys):
         err = capsys.readouterr().err
         assert "no Open Inference Protocol (KServe v2) endpoint" in err and "--protocol classify" in err
         # The classify protocol still works against it (no /metrics there: no server figures).
-        report = loadgen.run_async(loadgen.closed_loop(url, MODEL, 1, 2.0, warmup=0.0, images=[jpeg()]))
+        report = run_async(closed_loop(url, MODEL, 1, 2.0, warmup=0.0, images=[jpeg()]))
         assert report["ok"] > 0 and report["server"] is None and report["throughput_req_s"] > 0
 
 
@@ -126,11 +124,6 @@ def test_bad_size_is_refused(text, capsys):
         loadgen.main(["--size", text])
     assert exit_info.value.code == 2
     assert "--size" in capsys.readouterr().err
-
-
-def test_size_parsing():
-    assert loadgen.parse_size("4032x3024") == (4032, 3024)
-    assert loadgen.parse_size(" 1X1 ") == (1, 1)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -146,46 +139,3 @@ def test_inconsistent_arguments_are_refused(args, message, capsys):
 def test_protocol_must_be_known():
     with pytest.raises(SystemExit):
         loadgen.build_parser().parse_args(["--protocol", "grpc"])
-    with pytest.raises(ValueError, match="protocol must be one of"):
-        asyncio.run(loadgen.make_workload(loadgen.Target("127.0.0.1", 1), MODEL, "grpc"))
-
-
-# ------------------------------------------------------------------------------------------ payloads
-
-
-def test_default_jpegs_are_unchanged():
-    """The default images are the test suite's, byte for byte: figures stay comparable across versions."""
-    assert loadgen.make_jpegs(3) == [jpeg(seed=i) for i in range(3)]
-
-
-def test_big_jpegs_are_photo_like_and_quality_90():
-    (big,) = loadgen.make_jpegs(1, 2000, 1500)
-    image = Image.open(io.BytesIO(big))
-    assert image.size == (2000, 1500) and image.format == "JPEG"
-    reference = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(reference, format="JPEG", quality=90)
-    assert image.quantization == Image.open(reference).quantization
-    pixels = np.asarray(image, dtype=np.float32)
-    assert 30 < pixels.std() < 120  # content, not flat
-    assert len(big) > 2000 * 1500 * 0.2  # noisy like a photo: does not compress to nothing
-    assert loadgen.make_jpegs(1, 2000, 1500) == [big]  # deterministic
-
-
-def test_payloads_are_built_once_per_distinct_request():
-    target = loadgen.Target("127.0.0.1", 1)
-    images = [jpeg(64, 48, seed=i) for i in range(4)]
-    assert len(loadgen.classify_workload(target, MODEL, images).payloads) == 4
-    multipart = loadgen.classify_workload(target, MODEL, images, batch=2)
-    assert len(multipart.payloads) == 2 and multipart.images_per_request == 2
-    assert multipart.payloads[0].count(b'name="image"') == 2
-    io_ = {"input": "image", "height": 8, "width": 8, "output": "logits"}
-    v2 = loadgen.v2_workload(target, MODEL, io_, batch=4, distinct=4)
-    assert len(v2.payloads) == 1
-    head, body = v2.payloads[0].split(b"\r\n\r\n", 1)
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"inference-header-content-length")))
-    header = json.loads(body[:length])
-    assert header["inputs"][0]["shape"] == [4, 8, 8, 3]
-    assert header["inputs"][0]["parameters"]["binary_data_size"] == len(body) - length == 4 * 8 * 8 * 3
-    assert header["outputs"] == [{"name": "logits", "parameters": {"classification": 5}}]
-    assert b"Content-Type: application/octet-stream" in head
