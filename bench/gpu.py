@@ -11,7 +11,7 @@ so it can be tested anywhere). Steps, each optional (``--steps``):
             the server runs) on the load generator's JPEGs, in one process and
             in one process per core, at 500x375 and at phone size (4032x3024),
             with ``--serve-model``'s resize and crop.
-``engine``  ``bench.engine`` (the server's own ``OnnxEngine``) per model at
+``engine``  ``bench.engine_only`` (the server's own ``OnnxEngine``) per model at
             batch 1, 8, 32, 128; on CUDA also ResNet-50 with the input
             already on the GPU (IO binding): the ceiling without the host copy.
 ``sessions`` the server's access patterns (one thread at a fixed batch
@@ -209,7 +209,7 @@ def preprocessing_of(models_dir: Path, name: str) -> tuple[int, int, str]:
     """The served model's resize, crop and filter (ResNet's 256, 224, bilinear if it is not exported yet)."""
     from modelrepo.manifest import load_manifest
 
-    from .engine import version_dir
+    from .engine_only import version_dir
 
     try:
         p = load_manifest(version_dir(models_dir, name)).preprocessing
@@ -244,7 +244,7 @@ def decode_ceiling(sizes: list[tuple[int, int]], seconds: float, processes: int,
 
 def engine_runs(models_dir: Path, names: list[str], batch_sizes: list[int], device: str, device_id: int,
                 budget_s: float) -> dict:
-    from .engine import bench_engine, format_report, version_dir
+    from .engine_only import bench_engine, format_report, version_dir
 
     out = {}
     for name in names:
@@ -270,7 +270,7 @@ def engine_on_device_input(models_dir: Path, name: str, batch: int, device_id: i
     from modelrepo.manifest import load_manifest
     from service.models.engine import EngineConfig, OnnxEngine
 
-    from .engine import time_batch, version_dir
+    from .engine_only import time_batch, version_dir
 
     path = version_dir(models_dir, name)
     manifest = load_manifest(path)
@@ -283,7 +283,7 @@ def engine_on_device_input(models_dir: Path, name: str, batch: int, device_id: i
     binding = engine.session.io_binding()
     binding.bind_ortvalue_input(manifest.input.name, on_device)
     binding.bind_output(manifest.output.name, "cuda", device_id)
-    class Bound:  # bench.engine's timing loop, running the bound input instead of a host batch
+    class Bound:  # bench.engine_only's timing loop, running the bound input instead of a host batch
         @staticmethod
         def run(_batch) -> None:
             engine.session.run_with_iobinding(binding)
@@ -303,7 +303,7 @@ def session_patterns(models_dir: Path, name: str, batch: int, device: str, devic
     from modelrepo.manifest import load_manifest
     from service.models.engine import EngineConfig, OnnxEngine
 
-    from .engine import version_dir
+    from .engine_only import version_dir
 
     path = version_dir(models_dir, name)
     manifest = load_manifest(path)

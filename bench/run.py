@@ -2,7 +2,7 @@
 
 For each model (default resnet50 then resnet18):
 
-1. engine only (``bench.engine`` in a subprocess): img/s and ms per batch at
+1. engine only (``bench.engine_only`` in a subprocess): img/s and ms per batch at
    each batch size, the ceiling;
 2. archserve (``python -m service``) on a free loopback port, closed loop with
    1 client and with 16 clients (``bench.loadgen``);
@@ -338,7 +338,7 @@ class Server:
 
 def run_engine(models_dir: Path, model: str, args, out_dir: Path) -> dict:
     path = out_dir / f"engine-{model}.json"
-    cmd = [PY, "-m", "bench.engine", "--models-dir", str(models_dir), "--model", model,
+    cmd = [PY, "-m", "bench.engine_only", "--models-dir", str(models_dir), "--model", model,
            "--batch-sizes", args.batch_sizes, "--budget-s", str(args.engine_budget_s),
            "--min-runs", str(args.engine_min_runs), "--warmup-runs", str(args.engine_warmup_runs),
            "--rounds", str(args.engine_rounds), "--json", str(path)]
@@ -349,7 +349,7 @@ def run_engine(models_dir: Path, model: str, args, out_dir: Path) -> dict:
     cpu["engine_cores"] = cpu.pop("loadgen_cores")  # the engine run is a reaped child of this process
     del cpu["server_cores"]
     if proc.returncode != 0:
-        raise RuntimeError(f"bench.engine failed for {model}:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"bench.engine_only failed for {model}:\n{proc.stderr[-3000:]}")
     print(proc.stdout.rstrip(), flush=True)
     print(f"  cpu cores: {cpu}", flush=True)
     report = json.loads(path.read_text())
@@ -443,7 +443,7 @@ def engine_both_ends(before: dict, after: dict | None) -> dict:
 
 
 def summarise(model: str, r: dict, low: int, high: int) -> dict:
-    from .engine import at_batch
+    from .engine_only import at_batch
 
     engine = r.get("engine") and engine_both_ends(r["engine"], r.get("engine_after"))
     a_hi, a_lo = _get(r, "archserve", f"c{high}"), _get(r, "archserve", f"c{low}")
@@ -667,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="engine-only batch sizes")
     p.add_argument("--engine-budget-s", type=float, help="engine timed seconds per batch size (default 3; quick 0.5)")
     p.add_argument("--engine-rounds", type=int, help="engine rounds over all batch sizes, alternating the order, "
-                   "each size's median over all of them (default 3; quick 2; see bench/engine.py)")
+                   "each size's median over all of them (default 3; quick 2; see bench/engine_only.py)")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra argument for archserve, e.g. --server-arg=--max-queue-delay-ms=2 (repeatable)")

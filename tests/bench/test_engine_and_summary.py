@@ -1,4 +1,4 @@
-"""bench/engine.py's timing rounds and bench/run.py's summary: the figures the targets are judged on.
+"""bench/engine_only.py's timing rounds and bench/run.py's summary: the figures the targets are judged on.
 
 The rounds are tested with a fake engine (to see which batch size ran when)
 and once with the real onnxruntime engine on a small exported model; the
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import engine as engine_bench
+from bench import engine_only as engine_bench
 from bench import run as bench_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +61,7 @@ def test_rounds_below_one_are_refused():
     with pytest.raises(ValueError, match="rounds"):
         engine_bench.measure(RecordingEngine(), [1], (4, 4, 3), min_runs=1, max_runs=1, budget_s=0.0,
                              warmup_runs=0, rounds=0)
-    proc = subprocess.run([sys.executable, "-m", "bench.engine", "--rounds", "0"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "bench.engine_only", "--rounds", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--rounds must be at least 1" in proc.stderr
 
@@ -69,7 +69,7 @@ def test_rounds_below_one_are_refused():
 def test_the_engine_benchmark_runs_the_real_model_in_rounds(exported_repo, tmp_path):
     out = tmp_path / "engine.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.engine", "--models-dir", str(exported_repo), "--model", "resnet18",
+        [sys.executable, "-m", "bench.engine_only", "--models-dir", str(exported_repo), "--model", "resnet18",
          "--batch-sizes", "1,2", "--rounds", "2", "--budget-s", "0.2", "--min-runs", "2", "--json", str(out),
          "--device", "cpu"],  # the CPU on every machine, as the assertions below expect
         cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -17,7 +17,7 @@ best, and the best of six such noisy figures overstates the engine (a max is
 biased upwards). Spread over the rounds, every size sees the same drift.
 ``round_img_s`` keeps each round's figure, to show the spread.
 
-    python -m bench.engine --models-dir bench/models --model resnet50 --batch-sizes 1,2,4,8,16,32
+    python -m bench.engine_only --models-dir bench/models --model resnet50 --batch-sizes 1,2,4,8,16,32
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def format_report(r: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.engine_only", description=__doc__.split("\n\n")[0])
     p.add_argument("--models-dir", type=Path, default=Path("bench/models"))
     p.add_argument("--model", default="resnet50")
     p.add_argument("--version", type=int)
