@@ -45,41 +45,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import os
-import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .cpu_meter import CpuMeter
+from .gpu_ceilings import (CUDA, decode_ceiling, engine_on_device_input, engine_runs, preprocessing_of,
+                           session_patterns, wants_cuda)
+from .gpu_report import SERVED_MODEL, markdown, summarise
 from .http_client import Target, run_async
-from .images import make_jpegs
 from .prom import scrape
-from .run import PY, ROOT, CpuMeter, Server, _get, free_port, git_state
+from .report import log, machine_facts, write_json
+from .servers import PY, ROOT, Server, export_models, free_port
 
 STEPS = ("facts", "export", "decode", "engine", "sessions", "serve")
 DEFAULT_MODELS = ("resnet50", "resnet34", "se_resnet50", "googlenet", "inception_v3")
-SERVED_MODEL = "resnet50"
 BATCH_SIZES = (1, 8, 32, 128)
-CUDA = "CUDAExecutionProvider"
-
-# Targets of the GPU issue, for one H200; engine references from the team's own
-# measurement on that machine type (random-init torchvision models, fp16, uint8 NHWC).
-TARGET_ENGINE_RN50_B128 = 9000.0
-TARGET_V2_E2E = 7000.0
-TARGET_JPEG_OF_DECODE = 0.90
-TARGET_P50_1_CLIENT_MS = 5.0
-REFERENCE_ENGINE_B128 = {"resnet50": 9600.0, "se_resnet50": 4900.0, "inception_v3": 6000.0, "googlenet": 16400.0,
-                         "resnet34": 17700.0}
-WITHIN_OF_REFERENCE = 0.80
-
-
-# ---------------------------------------------------------------------------- results
 
 
 class Results:
@@ -96,19 +82,10 @@ class Results:
 
     def put(self, key: str, value) -> None:
         self.data[key] = value
-        self.save()
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        tmp.replace(self.path)
+        write_json(self.path, self.data)
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-# ---------------------------------------------------------------------------- facts
+# ---------------------------------------------------------------------------- facts and export
 
 
 def _query_gpus(fields: str, *extra: str, units: bool = True) -> list[dict[str, str]]:
@@ -143,15 +120,11 @@ def facts(device: str) -> dict:
 
     info = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
+        **machine_facts(),
         "onnxruntime_file": ort.__file__,
         "providers_available": ort.get_available_providers(),
         "gpus": gpu_facts(),
         "device": device,
-        **{"git_" + k: v for k, v in git_state().items()},
     }
     with contextlib.suppress(Exception):
         import torch
@@ -161,220 +134,12 @@ def facts(device: str) -> dict:
     return info
 
 
-def wants_cuda(device: str) -> bool:
-    import onnxruntime as ort
-
-    return device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
-
-
-# ---------------------------------------------------------------------------- export
-
-
-def export_models(models_dir: Path, names: list[str], precision: str, parity_samples: int) -> dict:
-    from modelrepo.layout import list_versions
-
-    missing = [n for n in names if not list_versions(models_dir / n)]
-    if not missing:
-        return {"exported": [], "already_there": names}
-    log(f"exporting {', '.join(missing)} ({precision}) into {models_dir}")
+def export_step(models_dir: Path, names: list[str], precision: str, parity_samples: int) -> dict:
     started = time.monotonic()
-    proc = subprocess.run(
-        [PY, "-m", "export", "--models", ",".join(missing), "--out", str(models_dir), "--precision", precision,
-         "--parity-samples", str(parity_samples)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200,
-    )
-    print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", flush=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"export failed with exit code {proc.returncode}")
-    return {"exported": missing, "seconds": round(time.monotonic() - started, 1)}
-
-
-# ---------------------------------------------------------------------------- decode ceiling
-
-
-def _decode_worker(args: tuple) -> int:
-    images, seconds, resize, crop, interpolation = args
-    from service.images.preprocess import PreprocessSpec, decode_image
-
-    spec = PreprocessSpec(resize=resize, crop=crop, interpolation=interpolation, max_pixels=200_000_000)
-    decode_image(images[0], spec)  # warm
-    count, deadline = 0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        decode_image(images[count % len(images)], spec)
-        count += 1
-    return count
-
-
-def preprocessing_of(models_dir: Path, name: str) -> tuple[int, int, str]:
-    """The served model's resize, crop and filter (ResNet's 256, 224, bilinear if it is not exported yet)."""
-    from modelrepo.manifest import load_manifest
-
-    from .engine_only import version_dir
-
-    try:
-        p = load_manifest(version_dir(models_dir, name)).preprocessing
-    except (Exception, SystemExit):
-        return 256, 224, "bilinear"
-    return p.resize, p.crop, p.interpolation
-
-
-def decode_ceiling(sizes: list[tuple[int, int]], seconds: float, processes: int,
-                   spec: tuple[int, int, str] = (256, 224, "bilinear")) -> dict:
-    """img/s of the server's own decode+resize+crop (``spec``: resize, crop, filter), in 1 process and in
-    ``processes`` processes."""
-    out = {}
-    ctx = multiprocessing.get_context("fork")
-    for width, height in sizes:
-        images = make_jpegs(4, width, height)
-        row = {"size": f"{width}x{height}", "jpeg_bytes": sum(map(len, images)) // len(images)}
-        for label, n in (("one_process", 1), ("all_cores", processes)):
-            with ctx.Pool(n) as pool:
-                started = time.perf_counter()
-                counts = pool.map(_decode_worker, [(images, seconds, *spec)] * n)
-                wall = time.perf_counter() - started
-            row[label] = {"processes": n, "img_s": round(sum(counts) / seconds, 1), "wall_s": round(wall, 2)}
-        log(f"decode {row['size']}: {row['one_process']['img_s']} img/s in 1 process, "
-            f"{row['all_cores']['img_s']} img/s in {processes}")
-        out[row["size"]] = row
-    return out
-
-
-# ---------------------------------------------------------------------------- engine
-
-
-def engine_runs(models_dir: Path, names: list[str], batch_sizes: list[int], device: str, device_id: int,
-                budget_s: float) -> dict:
-    from .engine_only import bench_engine, format_report, version_dir
-
-    out = {}
-    for name in names:
-        try:
-            # One stretch per batch size (no rounds): device time is scarce, and the GPU targets are judged on
-            # one batch size each, not on a best-of-several.
-            report = bench_engine(version_dir(models_dir, name), batch_sizes, device=device, device_id=device_id,
-                                  budget_s=budget_s, max_runs=200, min_runs=5)
-        except (Exception, SystemExit) as exc:  # one model's failure must not lose the others
-            log(f"engine {name} failed: {exc}")
-            out[name] = {"error": str(exc)}
-            continue
-        print(format_report(report), flush=True)
-        out[name] = report
-    return out
-
-
-def engine_on_device_input(models_dir: Path, name: str, batch: int, device_id: int, budget_s: float) -> dict:
-    """ResNet-50 with input and output bound on the GPU: the engine without host copies (CUDA only)."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from modelrepo.manifest import load_manifest
-    from service.models.engine import EngineConfig, OnnxEngine
-
-    from .engine_only import time_batch, version_dir
-
-    path = version_dir(models_dir, name)
-    manifest = load_manifest(path)
-    engine = OnnxEngine(path, manifest, EngineConfig(device="cuda", device_id=device_id))
-    if engine.provider != CUDA:
-        return {"error": f"the session runs on {engine.provider}, not CUDA"}
-    _, h, w, c = manifest.input.shape
-    host = np.random.default_rng(0).integers(0, 256, (batch, h, w, c), dtype=np.uint8)
-    on_device = ort.OrtValue.ortvalue_from_numpy(host, "cuda", device_id)
-    binding = engine.session.io_binding()
-    binding.bind_ortvalue_input(manifest.input.name, on_device)
-    binding.bind_output(manifest.output.name, "cuda", device_id)
-    class Bound:  # bench.engine_only's timing loop, running the bound input instead of a host batch
-        @staticmethod
-        def run(_batch) -> None:
-            engine.session.run_with_iobinding(binding)
-
-    times = time_batch(Bound, host, min_runs=5, max_runs=500, budget_s=budget_s, warmup_runs=3)
-    median = statistics.median(times)
-    return {"model": name, "batch_size": batch, "precision": engine.precision, "runs": len(times),
-            "ms_per_batch": round(1000 * median, 3), "img_s": round(batch / median, 1)}
-
-
-def session_patterns(models_dir: Path, name: str, batch: int, device: str, device_id: int, seconds: float) -> dict:
-    """img/s of one session: 1 thread, 2 threads on the same session, alternating batch sizes; per option set."""
-    import threading
-
-    import numpy as np
-
-    from modelrepo.manifest import load_manifest
-    from service.models.engine import EngineConfig, OnnxEngine
-
-    from .engine_only import version_dir
-
-    path = version_dir(models_dir, name)
-    manifest = load_manifest(path)
-    cuda = wants_cuda(device)
-    precision = "fp16" if cuda and "fp16" in manifest.files else ("fp32" if "fp32" in manifest.files else "fp16")
-    variants = {"server options": {}}
-    if cuda:
-        variants.update({
-            "cuDNN heuristic search": {"cudnn_conv_algo_search": "HEURISTIC"},
-            "cuDNN default algorithm": {"cudnn_conv_algo_search": "DEFAULT"},
-            "prefer_nhwc off": {"prefer_nhwc": "0"},
-        })
-    _, h, w, c = manifest.input.shape
-    sizes_run = (batch, 2 * batch)
-    inputs = {b: np.zeros((b, h, w, c), np.uint8) for b in sizes_run}
-    feed = manifest.input.name
-    out: dict = {"model": name, "batch": batch, "precision": precision, "variants": {}}
-
-    def open_session(extra: dict):  # as the server opens it, with single CUDA options changed
-        return OnnxEngine.open_session(path / manifest.files[precision].path, cuda, EngineConfig(device_id=device_id),
-                                       cuda_extra=extra)
-
-    # (label, options, one session per batch size?)
-    runs = [(label, extra, False) for label, extra in variants.items()]
-    runs.append(("server options, one session per batch size (the server's CUDA default)", {}, True))
-    for label, extra, per_size in runs:
-        try:
-            shared = open_session(extra)
-            sessions = {size: (open_session(extra) if per_size and size != batch else shared) for size in sizes_run}
-        except Exception as exc:
-            out["variants"][label] = {"error": str(exc)[:500]}
-            continue
-        for size, x in inputs.items():
-            for _ in range(2):
-                sessions[size].run(None, {feed: x})
-
-        def loop(sizes: list[int], counter: list[int], until: float) -> None:
-            i = 0
-            while time.perf_counter() < until:
-                size = sizes[i % len(sizes)]
-                sessions[size].run(None, {feed: inputs[size]})
-                counter[0] += size
-                i += 1
-
-        row = {"provider": shared.get_providers()[0], "options": extra, "session_per_size": per_size}
-        for pattern, threads, sizes in (("1 thread", 1, [batch]), ("2 threads", 2, [batch]),
-                                        ("alternating sizes", 1, list(sizes_run))):
-            counters = [[0] for _ in range(threads)]
-            started = time.perf_counter()
-            until = started + seconds
-            workers = [threading.Thread(target=loop, args=(sizes, counter, until)) for counter in counters]
-            for t in workers:
-                t.start()
-            for t in workers:
-                t.join()
-            row[pattern] = round(sum(c[0] for c in counters) / (time.perf_counter() - started), 1)
-        first: dict[str, float] = {}
-
-        def fresh_thread() -> None:  # a thread that never ran these sessions: its first run at each size
-            for size, x in inputs.items():
-                started = time.perf_counter()
-                sessions[size].run(None, {feed: x})
-                first[f"b{size}"] = round(1000 * (time.perf_counter() - started), 2)
-
-        t = threading.Thread(target=fresh_thread)
-        t.start()
-        t.join()
-        row["first run in a new thread, ms"] = first
-        log(f"session {name} b{batch} [{label}]: {row}")
-        out["variants"][label] = row
-    return out
+    exported = export_models(models_dir, names, "--precision", precision, "--parity-samples", str(parity_samples))
+    if not exported:
+        return {"exported": [], "already_there": names}
+    return {"exported": exported, "seconds": round(time.monotonic() - started, 1)}
 
 
 # ---------------------------------------------------------------------------- serving
@@ -511,122 +276,6 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
     return results
 
 
-# ---------------------------------------------------------------------------- summary
-
-
-def _batch_row(engine: dict, size: int) -> dict | None:
-    return next((b for b in engine.get("batches", []) if b["batch_size"] == size), None)
-
-
-def summarise(data: dict, args) -> dict:
-    engine = data.get("engine", {})
-    serve = data.get("serve", {})
-    decode = data.get("decode", {})
-    multi = f"w{args.workers}"
-    rows = []
-
-    def row(name, measured, target, unit, note="", lower_is_better=False):
-        met = None if measured is None or target is None else (
-            measured <= target if lower_is_better else measured >= target)
-        rows.append({"target": name, "measured": measured, "goal": target, "unit": unit, "met": met, "note": note,
-                     "lower_is_better": lower_is_better})
-
-    rn50 = _batch_row(engine.get(SERVED_MODEL, {}), 128)
-    row("engine ResNet-50 fp16, batch 128, input from host", rn50 and rn50["img_s"], TARGET_ENGINE_RN50_B128, "img/s")
-    row(f"engine ResNet-50, batch {_get(data, 'engine_device_input', 'batch_size') or 128}, input already on the GPU",
-        _get(data, "engine_device_input", "img_s"), None, "img/s", "reference 11.8k at batch 128")
-    v2 = [_get(serve, c, p, "throughput_img_s") for c in serve for p in (serve.get(c) or {})
-          if isinstance(serve.get(c), dict) and p.startswith("v2-")]
-    v2 = [v for v in v2 if v is not None]
-    row("e2e ResNet-50, uint8 tensors over v2 binary (best config)", max(v2) if v2 else None, TARGET_V2_E2E, "img/s")
-    ceiling = _get(decode, "500x375", "all_cores", "img_s")
-    jpeg = [_get(serve, c, p, "throughput_img_s") for c in serve for p in (serve.get(c) or {})
-            if isinstance(serve.get(c), dict) and p.startswith("jpeg-") and p != "jpeg-c1"]
-    jpeg = [v for v in jpeg if v is not None]
-    best_jpeg = max(jpeg) if jpeg else None
-    row("e2e ResNet-50, 500x375 JPEG clients, CPU decode (best config)", best_jpeg,
-        None if ceiling is None else round(TARGET_JPEG_OF_DECODE * ceiling, 1), "img/s",
-        f"90% of the decode ceiling measured here ({ceiling} img/s)" if ceiling else "no decode ceiling measured")
-    p50_server = _get(serve, "w1", "jpeg-c1", "server", "request_latency_ms", "p50")
-    p50_client = _get(serve, "w1", "jpeg-c1", "latency_ms", "p50")
-    row("p50 at 1 client, 500x375 JPEG, ResNet-50 (server side; client side in note)", p50_server,
-        TARGET_P50_1_CLIENT_MS, "ms", f"client p50 {p50_client} ms over loopback", lower_is_better=True)
-    phone = _get(serve, multi, f"phone-c{args.phone_clients}", "throughput_img_s")
-    row("e2e phone photos 4032x3024, CPU decode with draft scaling", phone, None, "img/s",
-        f"decode ceiling here {_get(decode, '4032x3024', 'all_cores', 'img_s')} img/s")
-    row("e2e with GPU decoding (nvImageCodec)", None, 8000.0, "img/s", "not built: see docs/benchmarks.md")
-    for name, reference in REFERENCE_ENGINE_B128.items():
-        if name == SERVED_MODEL:
-            continue
-        b128 = _batch_row(engine.get(name, {}), 128)
-        row(f"engine {name}, batch 128 (reference {reference:.0f})", b128 and b128["img_s"],
-            round(WITHIN_OF_REFERENCE * reference, 1), "img/s", "within 20% of the reference")
-    return {"rows": rows}
-
-
-def markdown(data: dict) -> str:
-    f = data.get("facts", {})
-    gpus = ", ".join(g.get("name", "?") for g in f.get("gpus", [])) or "no GPU"
-    lines = [f"# archserve GPU run, {f.get('date', '?')}", "",
-             f"{gpus}; {f.get('cores')} cores; onnxruntime {f.get('onnxruntime')} "
-             f"({', '.join(f.get('providers_available', []))}); git {str(f.get('git_commit', ''))[:10]}", "",
-             "| target | measured | goal | met |", "|---|---|---|---|"]
-    for r in data.get("summary", {}).get("rows", []):
-        measured = "—" if r["measured"] is None else f"{r['measured']:,} {r['unit']}"
-        goal = "—" if r["goal"] is None else f"{'≤' if r.get('lower_is_better') else '≥'} {r['goal']:,} {r['unit']}"
-        met = {True: "yes", False: "**no**", None: "—"}[r["met"]]
-        note = f" ({r['note']})" if r["note"] else ""
-        lines.append(f"| {r['target']}{note} | {measured} | {goal} | {met} |")
-    sizes = sorted({b["batch_size"] for e in data.get("engine", {}).values() for b in e.get("batches", [])})
-    lines += ["", "Engine, img/s by batch size (batch 1: ms per batch):", "", "| model | provider | precision | "
-              + " | ".join(f"b{b}" for b in sizes) + " |", "|---|---|---|" + "---|" * len(sizes)]
-    for name, e in data.get("engine", {}).items():
-        if "batches" not in e:
-            lines.append(f"| {name} | error: {e.get('error', '?')[:80]} |")
-            continue
-        cells = []
-        for b in sizes:
-            r = _batch_row(e, b)
-            cells.append("—" if r is None else (f"{r['ms_per_batch']:.2f} ms" if b == 1 else f"{r['img_s']:,.0f}"))
-        lines.append(f"| {name} | {e['provider']} | {e['precision']} | " + " | ".join(cells) + " |")
-    sessions = data.get("sessions") or {}
-    if sessions.get("variants"):
-        lines += ["", f"Sessions of {sessions['model']} ({sessions['precision']}), batch {sessions['batch']}, img/s:", "",
-                  "| options | 1 thread | 2 threads on the session | alternating batch sizes | "
-                  "first run per size in a new thread |", "|---|---|---|---|---|"]
-        for label, row in sessions["variants"].items():
-            if "error" in row:
-                lines.append(f"| {label} | error: {row['error'][:80]} | | |")
-            else:
-                first = ", ".join(f"{k} {v} ms" for k, v in row["first run in a new thread, ms"].items())
-                lines.append(f"| {label} | {row['1 thread']:,} | {row['2 threads']:,} | {row['alternating sizes']:,} | "
-                             f"{first} |")
-    lines += ["", "Serving, per load point:", "", "| server | point | img/s | p50 ms | p99 ms | "
-              "server p50 ms | mean batch | errors |", "|---|---|---|---|---|---|---|---|"]
-    for config, result in data.get("serve", {}).items():
-        if not isinstance(result, dict):
-            continue
-        for point, r in result.items():
-            if not isinstance(r, dict) or not (point.startswith(("jpeg", "v2", "phone"))):
-                continue
-            if "throughput_img_s" not in r:
-                lines.append(f"| {config} | {point} | {r.get('error') or r.get('skipped')} | | | | | |")
-                continue
-            lat, server = r.get("latency_ms", {}), r.get("server") or {}
-            lines.append(f"| {config} | {point} | {r['throughput_img_s']:,} | {lat.get('p50')} | {lat.get('p99')} | "
-                         f"{(server.get('request_latency_ms') or {}).get('p50')} | {server.get('mean_batch_size')} | "
-                         f"{r.get('errors') or 0} |")
-    servers = {k: v for k, v in data.get("serve", {}).items() if isinstance(v, dict) and "ready_s" in v}
-    if servers:
-        lines += ["", "Servers:", "", "| server | provider | sessions per model | ready s | GPU memory MiB: before, ready |",
-                  "|---|---|---|---|---|"]
-        for config, result in servers.items():
-            lines.append(f"| {config} | {result.get('provider')} {result.get('precision')} | "
-                         f"{(result.get('batching') or {}).get('sessions')} | {result['ready_s']} | "
-                         f"{result.get('gpu_memory_before_mib')}, {result.get('gpu_memory_used_mib')} |")
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------------------- main
 
 
@@ -711,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if "export" in steps:
         precision = "fp16" if cuda else "fp32"
         needed = sorted(set(models) | {args.serve_model})
-        results.put("export", export_models(models_dir, needed, precision, args.parity_samples))
+        results.put("export", export_step(models_dir, needed, precision, args.parity_samples))
     if "decode" in steps:
         sizes = [(500, 375), (4032, 3024)]
         results.put("decode", decode_ceiling(sizes, args.decode_s, os.cpu_count() or 1,

@@ -1,4 +1,4 @@
-"""bench.run.CpuMeter: a server's CPU includes its worker processes, and is split by what its threads do."""
+"""bench.cpu_meter.CpuMeter: a server's CPU includes its worker processes, and is split by what its threads do."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.run import CpuMeter, _thread_group, process_tree_cpu_s, process_tree_threads_cpu_s
+from bench.cpu_meter import CpuMeter, process_tree_cpu_s, process_tree_threads_cpu_s, thread_group
 
 # A parent that only waits, and a child that spins: what uvicorn's supervisor and a worker look like.
 SUPERVISOR = (
@@ -78,10 +78,10 @@ def test_a_servers_cpu_is_split_by_what_its_named_threads_do():
 
 
 def test_threads_are_grouped_by_their_os_names():
-    assert _thread_group(100, 100, "python") == "event_loop"  # a process's main thread
-    assert _thread_group(100, 101, "decode_1") == "decode"
-    assert _thread_group(100, 102, "batch resnet50/") == "inference"
-    assert _thread_group(100, 103, "ort resnet50/1") == "inference"
-    assert _thread_group(100, 104, "libuv-worker") == "other"
+    assert thread_group(100, 100, "python") == "event_loop"  # a process's main thread
+    assert thread_group(100, 101, "decode_1") == "decode"
+    assert thread_group(100, 102, "batch resnet50/") == "inference"
+    assert thread_group(100, 103, "ort resnet50/1") == "inference"
+    assert thread_group(100, 104, "libuv-worker") == "other"
     assert process_tree_threads_cpu_s(2**22 + 7) == {"event_loop": 0.0, "decode": 0.0, "inference": 0.0,
                                                      "other": 0.0}

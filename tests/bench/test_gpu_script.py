@@ -73,7 +73,7 @@ def test_a_server_that_cannot_become_ready_fails_the_wait_at_once(exported_repo,
     """require_gpu on the CPU: the bench stops waiting as soon as the server says its start failed."""
     import time
 
-    from bench.run import PY, Server, free_port
+    from bench.servers import PY, Server, free_port
 
     port = free_port()
     argv = [PY, "-m", "service", "--port", str(port), "--models-dir", str(exported_repo), "--models", "resnet18",
@@ -86,7 +86,7 @@ def test_a_server_that_cannot_become_ready_fails_the_wait_at_once(exported_repo,
 
 
 def test_the_decode_ceiling_uses_the_served_models_preprocessing(experiment_repo, tmp_path):
-    from bench.gpu import preprocessing_of
+    from bench.gpu_ceilings import preprocessing_of
 
     assert preprocessing_of(experiment_repo, "inception_v3")[:2] == (342, 299)
     assert preprocessing_of(experiment_repo, "resnet18") == (256, 224, "bilinear")
@@ -94,7 +94,8 @@ def test_the_decode_ceiling_uses_the_served_models_preprocessing(experiment_repo
 
 
 def test_the_latency_target_is_met_below_its_goal_and_the_table_says_so():
-    from bench.gpu import TARGET_P50_1_CLIENT_MS, build_parser, markdown, summarise
+    from bench.gpu import build_parser
+    from bench.gpu_report import TARGET_P50_1_CLIENT_MS, markdown, summarise
 
     args = build_parser().parse_args([])
 

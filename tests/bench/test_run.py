@@ -1,0 +1,74 @@
+"""python -m bench.run: arguments refused before anything runs, and the repeat loop with the steps faked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import run as bench_run
+from tests.bench.fakes import results
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_engine_rounds_below_one_are_refused_before_anything_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--engine-rounds", "-1", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--engine-rounds must be at least 1" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_repeats_below_one_are_refused_before_anything_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--repeats", "0", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--repeats must be at least 1" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_run_of_three_repeats_writes_each_and_judges_the_median(tmp_path, monkeypatch):
+    """bench.run's main loop with the steps faked: three repeats of two models, the second repeat's naive
+    server failing for resnet18."""
+    calls = []
+
+    def fake_run_model(model, models_dir, args, images, logs, tmp, skip):
+        calls.append((model, logs.name))
+        repeat = len([c for c in calls if c[0] == model])
+        a = {"resnet50": (46.7, 47.0, 48.0), "resnet18": (45.0, 44.0, 43.0)}[model][repeat - 1]
+        r = results(a, 24.0, 45.0, 23.5)
+        r["engine"]["provider"] = "CPUExecutionProvider"
+        if model == "resnet18" and repeat == 2:
+            r["naive"] = None
+            r["failures"] = {"naive": "it did not start"}
+        return r
+
+    guards = []
+
+    class RecordingGuard(bench_run.NoiseGuard):  # one per repeat, each with the whole budget
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            guards.append((self, kwargs))
+
+    monkeypatch.setattr(bench_run, "NoiseGuard", RecordingGuard)
+    monkeypatch.setattr(bench_run, "run_model", fake_run_model)
+    monkeypatch.setattr(bench_run, "export_models", lambda models_dir, names: [])
+    monkeypatch.setattr(bench_run, "make_jpegs", lambda: [b"jpeg"])
+    code = bench_run.main(["--repeats", "3", "--out", str(tmp_path)])
+    assert code == 1  # a step failed in one repeat
+    assert calls == [(m, f"repeat-{i}") for i in (1, 2, 3) for m in ("resnet50", "resnet18")]
+    assert len({id(g) for g, _ in guards}) == 3 and all(kw["budget_s"] == 600.0 for _, kw in guards)
+    (path,) = tmp_path.glob("*.json")
+    data = json.loads(path.read_text())
+    assert data["config"]["repeats"] == 3 and [rep["repeat"] for rep in data["repeats"]] == [1, 2, 3]
+    assert data["repeats"][1]["models"]["resnet18"]["failures"] == {"naive": "it did not start"}
+    assert [(row["model"], row["repeat"]) for row in data["summary"]] == \
+        [(m, i) for m in ("resnet50", "resnet18") for i in (1, 2, 3)]
+    judged = {(c["model"], c["target"]): c for c in data["targets"]}
+    ratio = judged[("resnet50", "e2e @16 / raw engine (best batch)")]
+    assert ratio["pass"] is True and ratio["passed"] == 2 and ratio["measured"] == "90.4%"
+    naive = judged[("resnet18", "throughput @16 vs naive")]  # 45 = 45 fails, 44 n/a, 43 < 45 fails
+    assert naive["pass"] is False and naive["passed"] == 0 and naive["repeats"][1] == "n/a"
+    assert data["machine"]["provider"] == "CPUExecutionProvider"
+    assert "| 2 of 3 | PASS |" in data["table"]
+    assert sorted(p.name for p in tmp_path.glob("*-logs/*")) == ["repeat-1", "repeat-2", "repeat-3"]
