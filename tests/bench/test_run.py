@@ -69,6 +69,10 @@ def test_a_run_of_three_repeats_writes_each_and_judges_the_median(tmp_path, monk
     assert ratio["pass"] is True and ratio["passed"] == 2 and ratio["measured"] == "90.4%"
     naive = judged[("resnet18", "throughput @16 vs naive")]  # 45 = 45 fails, 44 n/a, 43 < 45 fails
     assert naive["pass"] is False and naive["passed"] == 0 and naive["repeats"][1] == "n/a"
+    for model in ("resnet50", "resnet18"):  # 24.0 ms against the naive server's 23.5 in every measured repeat
+        p50 = judged[(model, "p50 @1 vs naive")]
+        assert p50["pass"] is False and p50["threshold"] == "archserve <= naive (same run)"
+    assert {row["p50_minus_naive_ms"] for row in data["summary"] if "p50_minus_naive_ms" in row} == {0.5}
     assert data["machine"]["provider"] == "CPUExecutionProvider"
     assert "| 2 of 3 | PASS |" in data["table"]
     assert sorted(p.name for p in tmp_path.glob("*-logs/*")) == ["repeat-1", "repeat-2", "repeat-3"]
