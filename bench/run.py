@@ -14,11 +14,10 @@ For each model (default resnet50 then resnet18):
 The four steps run for every model, and all of that ``--repeats`` times
 (default 3), one repeat after the other. Each target is judged on its median
 repeat (``judge``): with three, it passes when it passed in two of them (a
-repeat whose step failed counts against it). On a
-shared 2-core VM one repeat's e2e / raw ratio moves by a few percent from the
-machine alone (the engine alone moved by up to 6.7% between its two timings in
-one repeat on 2026-11-28), as much as some targets' margins; the table shows
-every repeat and how many met each target.
+repeat whose step failed counts against it). On a shared 2-core VM one
+repeat's e2e / raw ratio moves by a few percent from the machine alone, as much
+as some targets' margins (``docs/benchmarks.md`` has the spread); the table
+shows every repeat and how many met each target.
 
 Only one server runs at a time; each is stopped with SIGTERM (killed if it has
 not exited after a timeout). The models are exported into ``--models-dir``
@@ -26,7 +25,7 @@ first if missing. Everything is written to ``bench/results/<date>-<host>.json``
 and summarised as markdown tables with the targets' pass/fail.
 
     python -m bench.run                 # 3 repeats of 20 s load points: ~14 minutes on 2 cores, more on a busy one
-    python -m bench.run --repeats 1     # one repeat: ~4.6 minutes
+    python -m bench.run --repeats 1     # one repeat: ~5 minutes
     python -m bench.run --quick         # a smoke run of under 2 minutes (one repeat)
     python -m bench.run --duration 30 --models resnet50 --server-arg=--max-queue-delay-ms=2
 """

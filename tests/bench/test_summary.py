@@ -216,7 +216,7 @@ def test_the_p50_at_one_client_is_judged_against_the_naive_server_of_the_same_ru
         (check,) = [c for c in summary.targets(row, 16) if c["target"] == "p50 @1 vs naive"]
         assert check == {"model": model, "target": "p50 @1 vs naive", "measured": "23.50 vs 23.50 ms (+0.00)",
                          "threshold": "archserve <= naive (same run)", "pass": True, "margin": 0.0}
-    # Half a millisecond over the naive server fails (it passed under the old +2 ms allowance).
+    # Half a millisecond over the naive server fails: there is no allowance.
     assert checks("resnet18", results(47.0, 24.0, 45.0, 23.5))["p50 @1 vs naive"] is False
 
 
