@@ -33,6 +33,18 @@ def test_decode_equals_the_reference_exactly(kind, spec):
     np.testing.assert_array_equal(ours, reference)
 
 
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic"])
+@pytest.mark.parametrize("resize, crop", [(256, 224), (342, 299), (232, 224), (224, 256)], ids=lambda v: str(v))
+@pytest.mark.parametrize("width, height", [(500, 375), (375, 500), (300, 1000), (1000, 300), (257, 333), (90, 120)],
+                         ids=lambda v: str(v))
+def test_every_shape_equals_the_reference_exactly(width, height, resize, crop, interpolation):
+    """Landscape, portrait, thin, upscaled, and a crop larger than the resized image (padded)."""
+    data = encode(photo_like(width, height, seed=width), "PNG")
+    spec = PreprocessSpec(resize=resize, crop=crop, interpolation=interpolation, max_pixels=50_000_000)
+    reference = reference_preprocess(io.BytesIO(data), resize, crop, interpolation)
+    np.testing.assert_array_equal(decode_image(data, spec), reference)
+
+
 def test_exif_orientation_is_applied():
     spec = SPECS[0]
     upright = decode_image(VARIANTS["jpeg"], spec)
