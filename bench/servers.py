@@ -17,16 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-def missing_models(models_dir: Path, names: list[str]) -> list[str]:
-    """Those of ``names`` with no version in ``models_dir``."""
-    from modelrepo.layout import list_versions
-
-    return [n for n in names if not list_versions(models_dir / n)]
-
-
 def export_models(models_dir: Path, names: list[str], *export_args: str) -> list[str]:
     """Export those of ``names`` that ``models_dir`` lacks (``python -m export``, its output shown); return them."""
-    missing = missing_models(models_dir, names)
+    from modelrepo.layout import list_versions
+
+    missing = [n for n in names if not list_versions(models_dir / n)]
     if missing:
         print(f"exporting {', '.join(missing)} into {models_dir}/ (about 30 s a model)", flush=True)
         proc = subprocess.run([PY, "-m", "export", "--models", ",".join(missing), "--out", str(models_dir),
