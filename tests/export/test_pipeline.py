@@ -10,7 +10,6 @@ import pytest
 
 from export.models import get_model_spec, list_models
 from export.parity import FP16_THRESHOLD, FP32_TOLERANCE
-from export.pipeline import ExportOptions, export_model
 from export.synthetic import structured_images
 from modelrepo import file_sha256, list_versions, load_manifest
 from modelrepo.manifest import json_schema
@@ -28,14 +27,16 @@ def schema():
 
 
 @pytest.mark.parametrize("name", [_param(n) for n in list_models()])
-def test_export_publishes_a_checked_servable_model(name, tmp_path, schema):
-    result = export_model(name, ExportOptions(out=tmp_path, seed=0))
+def test_export_publishes_a_checked_servable_model(name, exports, schema):
+    # The session's export (seed 0, the default options): the service tests serve this very resnet18.
+    result = exports(name, seed=0)
+    out = result.path.parents[1]
     spec = get_model_spec(name)
     size = spec.input_size
-    version_dir = tmp_path / name / "1"
+    version_dir = out / name / "1"
     assert result.path == version_dir
-    assert list_versions(tmp_path / name) == [1]
-    assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["1"], "staging folder left behind"
+    assert list_versions(out / name) == [1]
+    assert sorted(p.name for p in (out / name).iterdir()) == ["1"], "staging folder left behind"
 
     # The manifest on disk is valid under both the pydantic model and the JSON Schema.
     manifest = load_manifest(version_dir)
