@@ -49,6 +49,11 @@ def serving(app, port: int, ready_path: str = "/health/ready", timeout: float = 
 
 @contextlib.contextmanager
 def running_server(wait_ready: bool = True, **settings):
+    """An app of ``Settings(**settings)`` served on a free port: ``(url, app)``.
+
+    Tests pass ``warmup=False`` unless they check the warm-up, or a deadline a cold first batch could miss: the
+    warm-up runs every batch size up to ``max_batch_size`` (32 by default) on each CPU lane of every model,
+    which takes longer than most tests and grows with the model (inception_v3 in the experiment servers)."""
     port = free_port()
     app = create_app(Settings(host="127.0.0.1", port=port, **settings))
     try:

@@ -36,6 +36,7 @@ def experiments_file(tmp_path):
 
 def serve(repo, experiments_file, store, **extra):
     extra.setdefault("max_batch_size", 8)
+    extra.setdefault("warmup", False)  # no test here checks it, and inception_v3's is long (see running_server)
     return running_server(
         models_dir=repo, experiments_file=experiments_file, store_path=store, admin_token=TOKEN, **extra,
     )
@@ -159,7 +160,7 @@ def test_admin_reload_needs_the_token_and_a_bad_file_keeps_the_old_experiments(
 
 def test_admin_endpoints_are_disabled_without_a_token(experiment_repo, experiments_file, tmp_path):
     with running_server(models_dir=experiment_repo, experiments_file=experiments_file,
-                        store_path=tmp_path / "s.sqlite3") as (url, _):
+                        store_path=tmp_path / "s.sqlite3", warmup=False) as (url, _):
         refused = httpx.post(f"{url}/experiments/reload", headers={"Authorization": "Bearer anything"})
         assert refused.status_code == 403 and "ARCHSERVE_ADMIN_TOKEN" in refused.json()["error"]
 
@@ -216,7 +217,7 @@ def test_feedback_reaches_a_shared_postgres_store_through_another_replica(experi
 
     with pg.fresh_schema() as store_url:
         common = dict(models_dir=experiment_repo, experiments_file=experiments_file, store_url=store_url,
-                      max_batch_size=8)
+                      max_batch_size=8, warmup=False)
         with running_server(**common) as (url_a, _), running_server(**common) as (url_b, _):
             served = httpx.post(f"{url_a}/classify/arch-ab", content=jpeg(), headers={"X-User-Id": "zoe"}, timeout=60)
             assert served.status_code == 200
@@ -231,7 +232,8 @@ def test_feedback_reaches_a_shared_postgres_store_through_another_replica(experi
 
 def test_a_database_that_is_down_at_start_does_not_stop_the_server(experiment_repo, experiments_file):
     unreachable = "postgresql://archserve:secret@127.0.0.1:1/nowhere"
-    with running_server(models_dir=experiment_repo, experiments_file=experiments_file, store_url=unreachable) as (url, _):
+    with running_server(models_dir=experiment_repo, experiments_file=experiments_file, store_url=unreachable,
+                        warmup=False) as (url, _):
         r = httpx.post(f"{url}/classify/arch-ab", content=jpeg(), timeout=60)
         assert r.status_code == 200
         ready = httpx.get(f"{url}/health/ready").json()
@@ -251,7 +253,8 @@ def test_sighup_reloads_the_experiments_file(experiment_repo, experiments_file, 
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCHSERVE_", "PROMETHEUS_"))}
-    env.update(ARCHSERVE_EXPERIMENTS_FILE=str(experiments_file), ARCHSERVE_STORE_PATH=str(tmp_path / "s.sqlite3"))
+    env.update(ARCHSERVE_EXPERIMENTS_FILE=str(experiments_file), ARCHSERVE_STORE_PATH=str(tmp_path / "s.sqlite3"),
+               ARCHSERVE_WARMUP="false")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), "--models-dir", str(experiment_repo),
          "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

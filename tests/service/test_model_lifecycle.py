@@ -147,7 +147,7 @@ def _external_data_outside(d):
     ids=["truncated", "checksum-mismatch", "bad-manifest", "external-data-outside"],
 )
 def test_a_broken_version_never_replaces_the_working_one(repo, damage):
-    with running_server(models_dir=repo, poll_interval_s=0.3, admin_token=TOKEN) as (url, _):
+    with running_server(models_dir=repo, poll_interval_s=0.3, admin_token=TOKEN, warmup=False) as (url, _):
         with Traffic(url) as traffic:
             wait_for(lambda: len(traffic.statuses) > 5)
             publish(repo, 2, damage)
@@ -164,7 +164,7 @@ def test_a_broken_version_never_replaces_the_working_one(repo, damage):
 
 
 def test_unload_then_load(repo):
-    with running_server(models_dir=repo, poll_interval_s=0, admin_token=TOKEN) as (url, _):
+    with running_server(models_dir=repo, poll_interval_s=0, admin_token=TOKEN, warmup=False) as (url, _):
         assert httpx.post(f"{url}/v2/repository/models/resnet18/unload").status_code == 401
         assert httpx.post(f"{url}/v2/repository/models/resnet18/unload", headers=AUTH).status_code == 200
         gone = httpx.post(f"{url}/classify/resnet18", content=jpeg())
@@ -201,7 +201,9 @@ def test_a_retired_version_is_freed_at_once(repo, caplog):
     """A version replaced by a new one, then one unloaded by hand: once released (the request deadline, 1 s, plus
     1 s), its engine, batcher and every onnxruntime session are freed with no garbage collection, so its memory
     goes back when the log says "released", not at some later collection."""
-    with running_server(models_dir=repo, poll_interval_s=0.3, admin_token=TOKEN, request_timeout_s=1.0) as (url, app):
+    # Warmed up (a cold first batch could miss the 1 s deadline), in a few images: a batch cap of 2.
+    with running_server(models_dir=repo, poll_interval_s=0.3, admin_token=TOKEN, request_timeout_s=1.0,
+                        max_batch_size=2) as (url, app):
         state = app.state.archserve
         caplog.set_level(logging.INFO, logger="service.models.lifecycle")
         released = lambda: [r.getMessage() for r in caplog.records if r.getMessage().startswith("released resnet18")]  # noqa: E731
@@ -222,14 +224,15 @@ def test_a_retired_version_is_freed_at_once(repo, caplog):
 
 
 def test_admin_repository_endpoints_are_disabled_without_a_token(repo):
-    with running_server(models_dir=repo, poll_interval_s=0) as (url, _):
+    with running_server(models_dir=repo, poll_interval_s=0, warmup=False) as (url, _):
         assert httpx.post(f"{url}/v2/repository/models/resnet18/unload", headers=AUTH).status_code == 403
 
 
 def test_admin_changes_are_refused_with_several_workers(repo):
     """With several worker processes an admin change would reach only the worker that took it: 409, saying what
     reaches them all. The settings say two workers; this in-process server is one, which is all the check reads."""
-    with running_server(models_dir=repo, poll_interval_s=0, admin_token=TOKEN, workers=2) as (url, _):
+    with running_server(models_dir=repo, poll_interval_s=0, admin_token=TOKEN, workers=2,
+                        warmup=False) as (url, _):
         for path, instead in (("/v2/repository/models/resnet18/unload", "ARCHSERVE_MODELS"),
                               ("/v2/repository/models/resnet18/load", "SIGHUP"), ("/experiments/reload", "SIGHUP")):
             assert httpx.post(url + path).status_code == 401  # the token is checked first
@@ -239,6 +242,20 @@ def test_admin_changes_are_refused_with_several_workers(repo):
             assert "2 worker processes" in refused.json()["error"] and instead in refused.json()["error"]
         assert served_versions(url) == [1]
         assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def traversal_server(exported_repo, tmp_path_factory):
+    """One server for every name below: a refused load changes nothing, as each of them checks. Its repository
+    has a symlink, ``outside``, to a model folder outside it."""
+    root = tmp_path_factory.mktemp("traversal")
+    repo, elsewhere = root / "models", root / "elsewhere" / "outside"
+    shutil.copytree(exported_repo / "resnet18", repo / "resnet18")
+    shutil.copytree(repo / "resnet18", elsewhere)
+    (repo / "outside").symlink_to(elsewhere, target_is_directory=True)
+    with running_server(models_dir=repo, models=["resnet18"], poll_interval_s=0, admin_token=TOKEN,
+                        warmup=False) as (url, _):
+        yield url
 
 
 @pytest.mark.parametrize(
@@ -254,12 +271,9 @@ def test_admin_changes_are_refused_with_several_workers(repo):
         ("outside", 400),
     ],
 )
-def test_traversal_and_unknown_names_are_refused(repo, tmp_path, name, status):
-    elsewhere = tmp_path / "elsewhere" / "outside"
-    shutil.copytree(repo / "resnet18", elsewhere)
-    (repo / "outside").symlink_to(elsewhere, target_is_directory=True)
-    with running_server(models_dir=repo, models=["resnet18"], poll_interval_s=0, admin_token=TOKEN) as (url, _):
-        response = httpx.post(f"{url}/v2/repository/models/{name}/load", headers=AUTH, timeout=60)
-        assert response.status_code == status, response.text
-        assert served_versions(url) == [1]
-        assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
+def test_traversal_and_unknown_names_are_refused(traversal_server, name, status):
+    url = traversal_server
+    response = httpx.post(f"{url}/v2/repository/models/{name}/load", headers=AUTH, timeout=60)
+    assert response.status_code == status, response.text
+    assert served_versions(url) == [1]
+    assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200

@@ -65,7 +65,7 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(exported_repo):
 
 
 def test_deadline_exceeded_is_504_and_the_server_keeps_serving(exported_repo):
-    with running_server(models_dir=exported_repo, request_timeout_s=0.001) as (url, app):
+    with running_server(models_dir=exported_repo, request_timeout_s=0.001, warmup=False) as (url, app):
         response = httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60)
         assert response.status_code == 504 and response.json()["code"] == "deadline_exceeded"
         app.state.archserve.settings.request_timeout_s = 60.0
@@ -165,6 +165,10 @@ def test_a_client_that_leaves_during_its_upload_is_a_499_not_a_server_error(expo
         assert counter(url, "archserve_requests_total", code=499) == 1
         assert counter(url, "archserve_requests_total", code=500) == 0
         assert httpx.post(f"{url}/classify/resnet18", content=data, timeout=60).status_code == 200
+
+
+# For the servers below whose workers' warm-up plays no part (see running_server).
+COLD = {"ARCHSERVE_WARMUP": "false"}
 
 
 def _start_service(repo, port: int, *extra: str, log=None, env=None) -> subprocess.Popen:
@@ -302,7 +306,7 @@ def test_a_retired_version_stays_at_0_in_model_info_with_several_workers(own_rep
                 if family.name == "archserve_model_info" for s in family.samples}
 
     with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu",
-                  env={"ARCHSERVE_POLL_INTERVAL_S": "0.3"}) as (proc, url, log):
+                  env={"ARCHSERVE_POLL_INTERVAL_S": "0.3", **COLD}) as (proc, url, log):
         assert _first_answer(url, "/health/ready").status_code == 200
         pids = _wait_for_pids(url, 2)
         assert info(url) == {("1", pid): 1.0 for pid in pids}
@@ -341,7 +345,8 @@ def test_a_bad_experiments_file_stops_a_server_with_several_workers_with_exit_1(
 def test_a_dead_workers_replacement_that_cannot_load_leaves_the_others_serving(own_repo, tmp_path):
     """Once the server has served, a worker that cannot start (here: the model broke on disk after the start, and
     a worker died) must not take the healthy workers down with it; it is started again, with a growing delay."""
-    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info") as (proc, url, log):
+    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info",
+                  env=COLD) as (proc, url, log):
         assert _first_answer(url, "/health/ready").status_code == 200
         pids = _wait_for_pids(url, 2)
         assert len(pids) == 2
@@ -365,7 +370,8 @@ def test_a_dead_workers_replacement_that_cannot_load_leaves_the_others_serving(o
 
 
 def test_sighup_keeps_the_old_workers_when_a_new_one_cannot_load(own_repo, tmp_path):
-    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info") as (proc, url, log):
+    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info",
+                  env=COLD) as (proc, url, log):
         assert _first_answer(url, "/health/ready").status_code == 200
         assert len(old := _wait_for_pids(url, 2)) == 2
         _truncate_model(own_repo)  # the running workers hold their sessions; a new one would fail to load
@@ -384,7 +390,8 @@ def test_sigterm_ends_a_rolling_restart_at_once(own_repo, tmp_path):
     handling the server was still up 20 s after SIGTERM."""
     experiments = tmp_path / "experiments.yaml"
     experiments.write_text("experiments: []\n")
-    env = {"ARCHSERVE_EXPERIMENTS_FILE": str(experiments), "ARCHSERVE_STORE_PATH": str(tmp_path / "store.sqlite3")}
+    env = {"ARCHSERVE_EXPERIMENTS_FILE": str(experiments), "ARCHSERVE_STORE_PATH": str(tmp_path / "store.sqlite3"),
+           **COLD}
     with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info",
                   env=env) as (proc, url, log):
         assert _first_answer(url, "/health/ready").status_code == 200
@@ -405,7 +412,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(exported_repo):
     port = free_port()
     # A long queue delay holds the 10 requests in the queue (a batch of 16 is never full), so all of them are
     # still in flight when SIGTERM comes, however slowly this machine sends them.
-    proc = _start_service(exported_repo, port, "--max-batch-size", "16", "--max-queue-delay-ms", "5000")
+    proc = _start_service(exported_repo, port, "--max-batch-size", "16", "--max-queue-delay-ms", "5000", env=COLD)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(url, "/health/ready", timeout=120)

@@ -94,7 +94,7 @@ def test_onnxruntimes_own_threads_are_named_after_the_model_and_the_caller_keeps
 
 
 def test_a_running_server_names_its_decode_batch_and_onnxruntime_threads(exported_repo):
-    with running_server(models_dir=exported_repo, intra_op_threads=2) as (url, _):
+    with running_server(models_dir=exported_repo, intra_op_threads=2, warmup=False) as (url, _):
         jpeg = io.BytesIO()
         Image.new("RGB", (320, 240), (200, 120, 40)).save(jpeg, format="JPEG")
         response = httpx.post(f"{url}/classify/resnet18", content=jpeg.getvalue(),
