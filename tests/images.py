@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -30,12 +31,20 @@ def encode(img: Image.Image, fmt: str, **params) -> bytes:
     return buf.getvalue()
 
 
+# Made once per test process: tests ask for the same few images again and again, and each takes a
+# noticeable fraction of a second to draw and encode. Bytes cannot be changed by the caller.
+@functools.lru_cache(maxsize=None)
 def jpeg(width: int = 500, height: int = 375, seed: int = 0, quality: int = 90) -> bytes:
     return encode(photo_like(width, height, seed), "JPEG", quality=quality)
 
 
 def variants(seed: int = 0) -> dict[str, bytes]:
     """One image in each format and pixel mode the service must handle."""
+    return dict(_variants(seed))  # a dict of its own for each caller
+
+
+@functools.lru_cache(maxsize=None)
+def _variants(seed: int) -> dict[str, bytes]:
     base = photo_like(320, 240, seed)
     rgba = base.convert("RGBA")
     alpha = np.zeros((240, 320), np.uint8)
