@@ -61,4 +61,3 @@ def experiment_repo(exports, tmp_path_factory) -> Path:
     for name in ("googlenet", "inception_v3"):
         exports.copy(exports(name, precisions=("fp32",), calibrate=False), out)
     return out
-
