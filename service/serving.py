@@ -54,36 +54,56 @@ class Call:
 
         ``element(i)`` names image ``i`` in error messages (the v2 input and its element).
         """
-        state, served = self.state, self.served
-        specs = (served.preprocess, *(model.preprocess for _, model in self.route.shadows)) if self.route else (
-            served.preprocess,)
-        histogram = served.metrics.preprocess
-
-        def decode(index: int, data: bytes) -> tuple:
-            started = time.monotonic()
-            try:
-                return decode_for(data, *specs)
-            except ServiceError as exc:
-                if element is None:
-                    raise
-                raise type(exc)(f"{element(index)}: {exc.message}") from exc  # keeps the status (400, 413, 415)
-            finally:
-                histogram.observe(time.monotonic() - started)
-
         loop = asyncio.get_running_loop()
+        pool = self.state.decode_pool
         if len(images) == 1:  # the usual request: no gather future around the one decode
-            decoded = [await loop.run_in_executor(state.decode_pool, decode, 0, images[0])]
+            decoded = [await loop.run_in_executor(pool, self._decode, 0, images[0], element)]
         else:
             decoded = await asyncio.gather(
-                *(loop.run_in_executor(state.decode_pool, decode, i, data) for i, data in enumerate(images))
+                *(loop.run_in_executor(pool, self._decode, i, data, element) for i, data in enumerate(images))
             )
-        if time.monotonic() > self.deadline:
-            raise DeadlineExceededError(
-                f"the request's deadline of {state.settings.request_timeout_s:g}s passed while decoding; "
-                "retry, or send smaller images"
-            )
+        self._check_deadline()
         self._shadow_inputs = [d[1:] for d in decoded]
         return [d[0] for d in decoded]
+
+    async def decode_and_infer(self, images: Sequence[bytes], element: Callable[[int], str] | None = None,
+                               ) -> list[np.ndarray]:
+        """``infer(decode(images))``; a lone image for an idle model, outside any experiment, is decoded in
+        the model's batch thread and run there at once: one hand-off between threads instead of two."""
+        batcher = self.served.batcher
+        if len(images) != 1 or self.route is not None or not batcher.can_run_now:
+            return await self.infer(await self.decode(images, element))
+        data = images[0]
+
+        def prepare() -> np.ndarray:
+            array = self._decode(0, data, element)[0]
+            self._check_deadline()
+            return array
+
+        logits = await batcher.run_now(prepare, deadline=self.deadline)
+        self.images = 1
+        return [logits]
+
+    def _decode(self, index: int, data: bytes, element: Callable[[int], str] | None) -> list[np.ndarray]:
+        served = self.served
+        specs = (served.preprocess, *(model.preprocess for _, model in self.route.shadows)) if self.route else (
+            served.preprocess,)
+        started = time.monotonic()
+        try:
+            return decode_for(data, *specs)
+        except ServiceError as exc:
+            if element is None:
+                raise
+            raise type(exc)(f"{element(index)}: {exc.message}") from exc  # keeps the status (400, 413, 415)
+        finally:
+            served.metrics.preprocess.observe(time.monotonic() - started)
+
+    def _check_deadline(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise DeadlineExceededError(
+                f"the request's deadline of {self.state.settings.request_timeout_s:g}s passed while decoding; "
+                "retry, or send smaller images"
+            )
 
     async def infer(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Each array joins the model's batch as its own item; logits, one row per array.

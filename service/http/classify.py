@@ -51,7 +51,7 @@ async def _classify(request: Request, name: str, version: int | None, k: int) ->
         served = call.served
         if k > served.manifest.output.num_classes:
             raise BadRequestError(f"top_k={k} but {served.name} has {served.manifest.output.num_classes} classes")
-        logits = await call.infer(await call.decode([part.data for part in parts]))
+        logits = await call.decode_and_infer([part.data for part in parts])
         results = []
         for part, row in zip(parts, logits):
             result = {"predictions": top_k(row, served.labels, k)}

@@ -32,7 +32,17 @@ def _check_count(name: str, value: object, minimum: int) -> int:
 
 
 class BatcherLifecycle(Generic[T, R]):
-    """A :class:`~service.models.batching.Batcher`'s state, its constructor's checks, ``start`` and ``close``."""
+    """A :class:`~service.models.batching.Batcher`'s state, its constructor's checks, ``start`` and ``close``.
+
+    ``run_batch`` gets a list of up to ``max_batch_size`` items and returns one output per item, in order; it
+    runs in one of ``instances`` threads, each kept for the batcher's life. ``warmup``, if given, runs once in
+    each of those threads during ``start()``, before any batch (an exception it raises fails ``start``):
+    per-thread runtime state is warm where the batches run. ``run_alone`` has ``run_batch``'s contract.
+    Low-priority items wait in a queue of ``max_low_queue_size``, shed while ``shed_depth`` normal items wait
+    (default ``max_batch_size``). Callbacks (``on_batch``, ``on_queue_depth``, ``on_expired`` for requests
+    whose deadline passed before they ran, ``on_shed``) run on the event loop and must be quick; an
+    exception they raise is logged and ignored.
+    """
 
     def __init__(
         self,
@@ -94,6 +104,7 @@ class BatcherLifecycle(Generic[T, R]):
         self._running = 0  # batches dispatched and not finished
         self._requests = itertools.count(1)
         self._alone_done: asyncio.Event | None = None  # cleared while a run_alone batch runs
+        self._direct: set[asyncio.Future[Any]] = set()  # run_now's runs, not yet finished
         self._started = False
         self._closing = False
         self._abandoned_threads = False
@@ -194,6 +205,9 @@ class BatcherLifecycle(Generic[T, R]):
                 worker.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self._fail_queued("the batcher was closed before this request was run")
+        if self._direct:  # a lone run_now in its thread: answered before the threads go, within the timeout
+            await asyncio.wait(set(self._direct), timeout=timeout)
+            self._abandoned_threads |= bool(self._direct)
         for executor in self._executors:
             executor.shutdown(wait=not self._abandoned_threads, cancel_futures=True)
 

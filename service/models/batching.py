@@ -4,21 +4,17 @@ Requests wait in one bounded FIFO queue. Each of ``instances`` worker tasks
 takes, as soon as it is free, everything waiting (up to ``max_batch_size``)
 and runs ``run_batch`` on it in that worker's own thread, so the event loop
 never blocks. At low load a request waits for nobody; under load batches fill
-by themselves (the design of MLServer's adaptive batcher and Triton's dynamic
-batcher). With ``max_queue_delay_ms`` > 0, a free worker holding a partial
-batch waits until the oldest waiting item has been queued that long, or the
-batch is full.
+by themselves (MLServer's adaptive batcher, Triton's dynamic batcher). With
+``max_queue_delay_ms`` > 0, a free worker holding a partial batch waits until
+the oldest waiting item has been queued that long, or the batch is full.
 
 Admission never waits: a full queue raises ``QueueFullError`` at once. A
-request may carry an absolute ``time.monotonic()`` deadline: if it passes
-while the request is queued, the request is removed and never run; if it
-passes while its batch runs, the caller gets ``DeadlineExceededError`` and the
-late result is dropped. A cancelled caller's queued item is removed as well.
-Nothing here knows of HTTP or of the model runtime; its errors come from
-``service.errors``, each carrying the status a caller answers with.
-
-This module holds all that a request crosses; the batcher's settings, ``start``
-(threads, warm-up) and ``close`` are in ``batcher_lifecycle``.
+request's absolute ``time.monotonic()`` deadline removes it from the queue if
+it passes there, and fails it with ``DeadlineExceededError`` if it passes while
+its batch runs (the late result is dropped); a cancelled caller's queued item
+is removed too. Nothing here knows of HTTP or of the model runtime; the errors
+come from ``service.errors``, each carrying the status a caller answers with.
+Settings, ``start`` and ``close`` are in ``batcher_lifecycle``.
 """
 
 from __future__ import annotations
@@ -45,9 +41,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchStats:
-    """What one batch run looked like, for metrics: ``queue_wait_s`` per item, submit to dispatch (monotonic);
-    ``alone``: the batch ran through ``run_alone``."""
-
+    """One batch run, for metrics: ``queue_wait_s`` per item, submit to dispatch; ``alone``: on ``run_alone``."""
     size: int
     queue_wait_s: list[float]
     run_s: float
@@ -73,60 +67,81 @@ class _Entry:
 
 
 class Batcher(BatcherLifecycle[T, R]):
-    """Groups concurrent ``submit`` calls into calls of ``run_batch``.
+    """Groups concurrent ``submit`` calls into calls of ``run_batch`` (its settings: ``BatcherLifecycle``).
 
-    ``run_batch`` gets a list of up to ``max_batch_size`` items and must return
-    one output per item, in order; it runs in one of ``instances`` threads, each
-    kept for the batcher's life. ``warmup``, if given, runs once in each of those
-    threads during ``start()``, before any batch (an exception it raises fails
-    ``start``): per-thread runtime state is warm where the batches run.
-    Callbacks (``on_batch``, ``on_queue_depth``, ``on_expired``) run on the
-    event loop and must be quick; an exception they raise is logged and ignored.
-    ``on_expired`` counts requests whose deadline passed before they were run.
+    Low-priority items (``priority="low"``, shadow traffic) wait in a second queue and fill what normal items
+    leave of a batch; they are shed first (refused, or dropped from their queue) once ``shed_depth`` normal
+    items wait, and never take a normal item's place.
 
-    Low-priority items (``priority="low"``, e.g. shadow traffic) wait in a
-    second queue of ``max_low_queue_size``: a batch takes normal items first and
-    fills the rest with low ones. They are shed first: refused while at least
-    ``shed_depth`` normal items wait (default ``max_batch_size``), and dropped
-    from their queue when normal traffic reaches that depth (``on_shed`` counts
-    both); they never take a normal item's place.
-
-    ``run_alone`` (optional) has ``run_batch``'s contract. A batch whose items
-    all come from one ``submit`` or ``submit_many`` call, dispatched while no
-    other batch runs and nothing else waits, goes to ``run_alone``, and no other
-    batch is dispatched until it ends: it may use the whole machine (onnxruntime
-    on all the cores), where ``run_batch`` runs beside other batches on a share
-    of the cores each. Low load gets the latency of the whole machine; under
-    load, batches of several items run side by side.
+    A batch whose items all come from one ``submit`` call, dispatched while no other batch runs and nothing
+    else waits, goes to ``run_alone`` (if given) and no other batch is dispatched until it ends: it may use
+    the whole machine (onnxruntime on all the cores), where ``run_batch`` runs beside other batches on a
+    share of the cores each. Low load gets the latency of the whole machine; under load, batches run side
+    by side.
     """
 
     @property
-    def queue_depth(self) -> int:
-        """Items admitted and waiting for dispatch, both priorities."""
+    def queue_depth(self) -> int:  # items admitted and waiting for dispatch, both priorities
         return len(self._queue) + len(self._low)
 
     async def submit(self, item: T, *, deadline: float | None = None, priority: str = "normal") -> R:
-        """Queue one item and return its output.
-
-        ``deadline`` is an absolute ``time.monotonic()`` value. Raises
-        ``QueueFullError``, ``DeadlineExceededError``, ``ModelClosedError``
-        or ``InferenceError``; low-priority items may also raise ``ShedError``.
-        """
+        """Queue one item and return its output. ``deadline`` is an absolute ``time.monotonic()`` value. Raises
+        ``QueueFullError``, ``DeadlineExceededError``, ``ModelClosedError``, ``InferenceError``, or for
+        low-priority items ``ShedError``."""
         entries = self._admit([item], deadline, priority)
         return (await self._wait(entries, deadline))[0]
 
-    async def submit_many(
-        self, items: list[T], *, deadline: float | None = None, priority: str = "normal"
-    ) -> list[R]:
-        """Queue several items (each on its own; they may land in different batches).
-
-        Admission is all or nothing. Outputs come back in order; if one item
-        fails, the others are cancelled and its error is raised.
-        """
+    async def submit_many(self, items: list[T], *, deadline: float | None = None, priority: str = "normal") -> list[R]:
+        """Queue several items, each on its own (they may land in different batches), all or none. Outputs come
+        back in order; if one item fails, the others are cancelled and its error is raised."""
         entries = self._admit(list(items), deadline, priority)
         if not entries:
             return []
         return await self._wait(entries, deadline)
+
+    @property
+    def can_run_now(self) -> bool:
+        """Started and open, nothing running or waiting, no queue delay to wait out, and a run may have the
+        model to itself (``run_alone``, or a single instance): ``run_now`` may be called."""
+        return (self._started and not self._closing and not self._running and not self._queue and not self._low
+                and not self._max_queue_delay_s and (self._run_alone is not None or self._instances == 1))
+
+    async def run_now(self, prepare: Callable[[], T], *, deadline: float | None = None) -> R:
+        """When ``can_run_now``, make one item with ``prepare`` and run it alone, in one batch-thread hand-off.
+
+        For a lone request whose item is thread work (decoding) that ``submit`` would take two hand-offs for,
+        each a wake-up. What arrives meanwhile queues behind it. What ``prepare`` raises reaches the caller.
+        """
+        if not self.can_run_now:
+            raise RuntimeError(f"{self._label}: run_now needs an idle batcher (can_run_now); submit instead")
+        run = self._run_alone or self._run_batch
+        self._alone_done.clear()  # no batch dispatches until this run ends, however its caller fares
+        self._running += 1
+        self._in_flight += 1
+
+        def finished(future: asyncio.Future) -> None:
+            self._in_flight -= 1
+            self._running -= 1
+            self._alone_done.set()
+            self._direct.discard(future)
+            if not future.cancelled() and future.exception() is None:  # prepared: a batch of one ran
+                _, error, run_s = future.result()
+                self._notify(self._on_batch, BatchStats(1, [0.0], run_s, error is None, run is self._run_alone),
+                             "on_batch")
+
+        future = self._loop.run_in_executor(self._executors[0], lambda: self._timed_run(run, [prepare()]))
+        self._direct.add(future)
+        future.add_done_callback(finished)
+        delay = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(delay):
+                outputs, error, _ = await asyncio.shield(future)  # a caller gone leaves the run to finish
+        except TimeoutError:
+            raise DeadlineExceededError(f"{self._label}: no result before the request's deadline; "
+                                        "the server is overloaded, retry later") from None
+        if error is not None:
+            raise InferenceError(f"inference failed for {self._label} (a batch of 1): {error}") from error
+        return outputs[0]
 
     def _admit(self, items: list[Any], deadline: float | None, priority: str = "normal") -> list[_Entry]:
         if priority not in ("normal", "low"):
@@ -181,13 +196,12 @@ class Batcher(BatcherLifecycle[T, R]):
         return entries
 
     def _shed_low(self, reason: str) -> None:
-        if not self._low:
-            return
         shed = list(self._low)
         self._low.clear()
         for entry in shed:
             self._fail(entry, ShedError(f"{self._label}: low-priority work shed: {reason}"))
-        self._notify(self._on_shed, len(shed), "on_shed")
+        if shed:
+            self._notify(self._on_shed, len(shed), "on_shed")
 
     async def _wait(self, entries: list[_Entry], deadline: float | None) -> list[Any]:
         futures = [e.future for e in entries]
@@ -346,8 +360,6 @@ class Batcher(BatcherLifecycle[T, R]):
             if alone:
                 self._alone_done.set()
         if error is None:
-            error = self._check_outputs(outputs, len(batch))
-        if error is None:
             for entry, output in zip(batch, outputs):
                 entry.state = _State.DONE
                 if not entry.future.done():
@@ -361,25 +373,18 @@ class Batcher(BatcherLifecycle[T, R]):
 
     @staticmethod
     def _timed_run(run: Callable[[list[Any]], Sequence[Any]], items: list[Any]) -> tuple[Any, Exception | None, float]:
+        """``run(items)``, timed: its outputs, or the error it raised or made (not one output per item)."""
         started = time.monotonic()
         try:
-            outputs = run(items)
+            outputs, error = run(items), None
+            if not hasattr(outputs, "__len__"):
+                error = TypeError(f"run_batch returned {type(outputs).__name__}, which has no length; "
+                                  "return a sequence with one output per input")
+            elif len(outputs) != len(items):
+                error = ValueError(f"run_batch returned {len(outputs)} outputs for {len(items)} inputs")
         except Exception as exc:
-            return None, exc, time.monotonic() - started
-        return outputs, None, time.monotonic() - started
-
-    @staticmethod
-    def _check_outputs(outputs: Any, expected: int) -> Exception | None:
-        try:
-            count = len(outputs)
-        except TypeError:
-            return TypeError(
-                f"run_batch returned {type(outputs).__name__}, which has no length; "
-                f"return a sequence with one output per input"
-            )
-        if count != expected:
-            return ValueError(f"run_batch returned {count} outputs for {expected} inputs")
-        return None
+            outputs, error = None, exc
+        return outputs, error, time.monotonic() - started
 
     def _depth_changed(self) -> None:
         depth = self.queue_depth
@@ -388,9 +393,8 @@ class Batcher(BatcherLifecycle[T, R]):
             self._notify(self._on_queue_depth, depth, "on_queue_depth")
 
     def _notify(self, callback: Callable[[Any], None] | None, value: Any, label: str) -> None:
-        if callback is None:
-            return
         try:
-            callback(value)
+            if callback is not None:
+                callback(value)
         except Exception:
             logger.exception("%s: the %s callback raised; ignoring it", self._label, label)

@@ -775,3 +775,138 @@ async def test_with_a_queue_delay_a_lone_request_still_runs_alone_and_a_gathered
         assert await asyncio.gather(first, batcher.submit(3)) == [4, 6]
         assert time.monotonic() - started < 4, "a full batch waited out the delay"
     assert lanes.batches == [[2, 3]] and alone.batches == [[1]]
+
+
+# run_now: a lone request on an idle model is prepared (decoded) and run in one batch thread.
+
+
+async def test_run_now_prepares_and_runs_in_one_batch_thread_alone():
+    lanes, alone = FakeEngine(), FakeEngine()
+    stats: list[BatchStats] = []
+    threads: list[threading.Thread] = []
+
+    def prepare() -> int:
+        threads.append(threading.current_thread())
+        return 3
+
+    async with running(lanes, instances=2, run_alone=alone, on_batch=stats.append) as batcher:
+        assert batcher.can_run_now
+        assert await batcher.run_now(prepare) == 6
+        assert alone.batches == [[3]] and lanes.batches == [] and alone.off_loop
+        assert threads[0] is not threading.main_thread() and threads[0].name.startswith("batcher-0")
+        assert batcher.can_run_now and batcher.in_flight == 0  # released once answered
+    assert [(s.size, s.queue_wait_s, s.ok, s.alone) for s in stats] == [(1, [0.0], True, True)]
+
+
+async def test_run_now_is_refused_unless_the_batcher_is_idle():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone) as batcher:
+        held, tasks = await behind_a_lone_batch(batcher, alone, [1])
+        assert not batcher.can_run_now  # a batch runs, one waits
+        with pytest.raises(RuntimeError, match="idle"):
+            await batcher.run_now(lambda: 2)
+        alone.gate.set()
+        await asyncio.gather(held, *tasks)
+        assert batcher.can_run_now
+    assert not batcher.can_run_now  # closed
+    # Settings under which a run cannot take the model at once: a queue delay to gather a batch, or several
+    # instances with no run_alone to keep the others off the model while it runs.
+    for kwargs in ({"run_alone": alone, "max_queue_delay_ms": 5}, {"instances": 2}):
+        async with running(FakeEngine(), **kwargs) as batcher:
+            assert not batcher.can_run_now
+    async with running(FakeEngine(), instances=1) as batcher:
+        assert batcher.can_run_now
+
+
+async def test_what_arrives_during_run_now_waits_for_it_then_runs_as_one_batch():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone) as batcher:
+        held = asyncio.create_task(batcher.run_now(lambda: HOLD))
+        await eventually(alone.entered.is_set)
+        assert not batcher.can_run_now
+        tasks = spawn(batcher, [1, 2])
+        await asyncio.sleep(0.05)
+        assert lanes.batches == [] and batcher.queue_depth == 2, "a batch started beside the run_now"
+        alone.gate.set()
+        assert await held == HOLD * 2
+        assert await asyncio.gather(*tasks) == [2, 4]
+    assert lanes.batches == [[1, 2]]
+
+
+async def test_what_prepare_raises_reaches_the_caller_unchanged_and_nothing_runs():
+    lanes, alone = FakeEngine(), FakeEngine()
+    stats: list[BatchStats] = []
+
+    def prepare() -> int:
+        raise ServiceError("undecodable")
+
+    async with running(lanes, instances=2, run_alone=alone, on_batch=stats.append) as batcher:
+        with pytest.raises(ServiceError, match="undecodable") as caught:
+            await batcher.run_now(prepare)
+        assert type(caught.value) is ServiceError
+        assert alone.batches == [] and stats == []
+        assert batcher.can_run_now and await batcher.run_now(lambda: 4) == 8
+
+
+async def test_a_failing_run_now_is_an_inference_error_and_the_next_runs():
+    lanes, alone = FakeEngine(), FakeEngine()
+    stats: list[BatchStats] = []
+    async with running(lanes, instances=2, run_alone=alone, on_batch=stats.append) as batcher:
+        with pytest.raises(InferenceError, match="a batch of 1"):
+            await batcher.run_now(lambda: FAIL)
+        assert await batcher.run_now(lambda: 5) == 10
+    assert [s.ok for s in stats] == [False, True]
+
+
+async def test_run_now_past_its_deadline_answers_at_the_deadline_and_holds_the_model_until_the_run_ends():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone) as batcher:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            await batcher.run_now(lambda: HOLD, deadline=time.monotonic() + 0.05)
+        assert time.monotonic() - started < 2
+        # The run goes on in its thread: nothing else may start on the model until it ends.
+        assert not batcher.can_run_now and batcher.in_flight == 1
+        task = spawn(batcher, [7])[0]
+        await asyncio.sleep(0.05)
+        assert not task.done() and lanes.batches == []
+        alone.gate.set()
+        assert await task == 14
+        await eventually(lambda: batcher.can_run_now)
+
+
+async def test_a_cancelled_run_now_caller_leaves_the_run_to_finish_alone():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone) as batcher:
+        caller = asyncio.create_task(batcher.run_now(lambda: HOLD))
+        await eventually(alone.entered.is_set)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert not batcher.can_run_now and batcher.in_flight == 1
+        alone.gate.set()
+        await eventually(lambda: batcher.can_run_now)
+        assert await batcher.submit(1) == 2
+
+
+async def test_closing_waits_for_a_run_now_and_a_close_that_times_out_does_not_hang():
+    lanes, alone = FakeEngine(), FakeEngine()
+    async with running(lanes, instances=2, run_alone=alone) as batcher:
+        held = asyncio.create_task(batcher.run_now(lambda: HOLD))
+        await eventually(alone.entered.is_set)
+        closing = asyncio.create_task(batcher.close(drain=True))
+        await asyncio.sleep(0.05)
+        assert not closing.done(), "close did not wait for the run"
+        alone.gate.set()
+        await closing
+        assert await held == HOLD * 2
+    stuck = FakeEngine()
+    batcher = Batcher(FakeEngine(), max_batch_size=2, max_queue_size=4, instances=2, run_alone=stuck)
+    await batcher.start()
+    held = asyncio.create_task(batcher.run_now(lambda: HOLD))
+    await eventually(stuck.entered.is_set)
+    started = time.monotonic()
+    await batcher.close(timeout=0.1)
+    assert time.monotonic() - started < 2
+    stuck.gate.set()
+    assert await held == HOLD * 2  # the run finished after all; its caller still waited for it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import threading
 
 import httpx
 import numpy as np
@@ -14,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from export.preprocess import reference_preprocess
 from modelrepo import load_manifest
+from service import serving
 from tests.images import jpeg, variants
 from tests.service.server import cuda_runs, engine_held, running_server, until
 
@@ -170,6 +172,30 @@ def test_concurrent_requests_are_batched(server):
     assert delta("archserve_batch_size_count") <= 2 + math.ceil(queued / 8), (held, queued)
     assert delta("archserve_batch_size_bucket", le="8.0") == delta("archserve_batch_size_count")  # none over 8
     assert delta("archserve_batch_size_bucket", le="4.0") < delta("archserve_batch_size_count")  # some full
+
+
+def test_a_lone_image_is_decoded_in_the_batch_thread_that_runs_it_and_several_in_the_decode_pool(url, monkeypatch):
+    """On an idle model a one-image request is decoded and run in one batch thread (one hand-off between
+    threads instead of two); a request of several images decodes them side by side in the pool. Both give the
+    same answer for the same image."""
+    threads: list[str] = []
+    decode_for = serving.decode_for
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return decode_for(*args)
+
+    monkeypatch.setattr(serving, "decode_for", recording)
+    data = jpeg(seed=21)
+    lone = httpx.post(f"{url}/classify/resnet18", content=data, timeout=60)
+    assert lone.status_code == 200, lone.text
+    assert len(threads) == 1 and threads[0].startswith("batcher-"), threads
+    threads.clear()
+    files = [("image", ("a.jpg", data, "image/jpeg")), ("image", ("b.jpg", jpeg(seed=22), "image/jpeg"))]
+    several = httpx.post(f"{url}/classify/resnet18", files=files, timeout=60)
+    assert several.status_code == 200, several.text
+    assert len(threads) == 2 and not any(t.startswith("batcher-") for t in threads), threads
+    assert several.json()["results"][0]["predictions"] == lone.json()["results"][0]["predictions"]
 
 
 def _chunks(data: bytes, size: int = 65536):
