@@ -91,8 +91,11 @@ async def closed_loop(
     protocol: str = "classify",
     batch: int = 1,
     distinct: int | None = None,
+    keep_latencies: bool = False,
 ) -> dict:
     """``concurrency`` clients back to back for ``warmup + duration`` seconds; figures over the last ``duration``.
+
+    ``keep_latencies`` adds every successful request's latency (``latencies_s``), to pool several runs.
 
     ``protocol``: ``classify`` (JPEGs to ``/classify``; ``batch`` > 1 as multipart) or ``v2``
     (``batch`` pixel arrays per request to ``/v2/models/{model}/infer``); see :func:`make_workload`.
@@ -142,10 +145,13 @@ async def closed_loop(
     finally:
         for c in conns:
             c.close()
-    return _report(
+    report = _report(
         rec, mode="closed", url=url, model=model, duration=duration, warmup=warmup, workload=workload,
         extra={"concurrency": concurrency}, before=before, after=after, cpu_s=cpu_after - cpu_before,
     )
+    if keep_latencies:
+        report["latencies_s"] = rec.latencies
+    return report
 
 
 async def open_loop(

@@ -4,14 +4,16 @@ For each model (default resnet50 then resnet18):
 
 1. engine only (``bench.engine_only`` in a subprocess): img/s and ms per batch at
    each batch size, the ceiling;
-2. archserve (``python -m service``) on a free loopback port, closed loop with
-   1 client and with 16 clients (``bench.loadgen``);
-3. the naive server (``bench.naive_server``), the same two loads;
-4. the engine again (not with ``--quick``). The targets divide by the mean of
+2. archserve (``python -m service``) and the naive server (``bench.naive_server``),
+   both up on free loopback ports, closed loop (``bench.loadgen``): 1 client
+   in ``--pair-rounds`` rounds that alternate between the two servers (each
+   round a share of ``--duration``, each server's latencies pooled), so the
+   machine's drift falls on both alike, then 16 clients on each in turn;
+3. the engine again (not with ``--quick``). The targets divide by the mean of
    the two engine runs, which bracket the load points in time, and the table
    shows how far the machine drifted between them.
 
-The four steps run for every model, and all of that ``--repeats`` times
+The steps run for every model, and all of that ``--repeats`` times
 (default 3), one repeat after the other. Each target is judged on its median
 repeat (``judge``): with three, it passes when it passed in two of them (a
 repeat whose step failed counts against it). On a shared 2-core VM one
@@ -19,8 +21,8 @@ repeat's e2e / raw ratio moves by a few percent from the machine alone, as much
 as some targets' margins (``docs/benchmarks.md`` has the spread); the table
 shows every repeat and how many met each target.
 
-Only one server runs at a time; each is stopped with SIGTERM (killed if it has
-not exited after a timeout). The models are exported into ``--models-dir``
+Only one server is under load at a time; each is stopped with SIGTERM (killed
+if it has not exited after a timeout). The models are exported into ``--models-dir``
 first if missing. Everything is written to ``bench/results/<date>-<host>.json``
 and summarised as markdown tables with the targets' pass/fail.
 
@@ -33,6 +35,7 @@ and summarised as markdown tables with the targets' pass/fail.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -45,7 +48,7 @@ from pathlib import Path
 from .cpu_meter import CpuMeter
 from .http_client import run_async
 from .images import make_jpegs
-from .load import closed_loop
+from .load import closed_loop, latency_summary
 from .loadgen import format_report
 from .noise import NoiseGuard
 from .report import dig, machine_facts, write_json
@@ -84,76 +87,152 @@ def run_engine(models_dir: Path, model: str, args, out_dir: Path) -> dict:
     return report
 
 
-def load_points(server: Server, model: str, args, images: list[bytes]) -> dict:
-    out = {}
-    for clients in args.clients:
-        def point() -> dict:
-            meter = CpuMeter(server.proc.pid)
-            report = run_async(closed_loop(
-                server.url, model, clients, args.duration, warmup=args.warmup, images=images, timeout=args.timeout,
-            ))
-            report["cpu"] = meter.stop()
-            if report["throughput_img_s"]:  # CPU cost per image: steadier than img/s on a shared machine
-                report["cpu"]["server_core_ms_per_img"] = round(
-                    1000 * report["cpu"]["server_cores"] / report["throughput_img_s"], 2)
-                if "server_threads_cores" in report["cpu"]:  # where that CPU went
-                    report["cpu"]["server_threads_core_ms_per_img"] = {
-                        k: round(1000 * v / report["throughput_img_s"], 2)
-                        for k, v in report["cpu"]["server_threads_cores"].items()}
-            print(format_report(report), flush=True)
-            print(f"  cpu cores: {report['cpu']}", flush=True)
-            return report
-
-        out[f"c{clients}"] = args.guard.measure(f"{clients} client(s)", point)
-    return out
+def measure_point(server: Server, model: str, clients: int, args, images: list[bytes], *,
+                  duration: float | None = None, warmup: float | None = None, keep_latencies: bool = False) -> dict:
+    """One closed-loop load point against ``server``, with the CPU it cost (per image, by thread group)."""
+    meter = CpuMeter(server.proc.pid)
+    report = run_async(closed_loop(
+        server.url, model, clients, duration or args.duration, warmup=args.warmup if warmup is None else warmup,
+        images=images, timeout=args.timeout, keep_latencies=keep_latencies,
+    ))
+    report["cpu"] = meter.stop()
+    per_image_cpu(report)
+    return report
 
 
-def run_archserve(models_dir: Path, model: str, args, images: list[bytes], logs: Path) -> dict:
-    port = free_port()
-    argv = [PY, "-m", "service", "--port", str(port), "--models-dir", str(models_dir), "--models", model,
-            *args.server_arg]
-    with Server(f"archserve {model}", argv, port, logs / f"archserve-{model}.log", dict(args.server_env)) as server:
-        ready_s = server.wait_ready()
-        info = server.get_json(f"/models/{model}")
-        print(f"archserve {model} ready in {ready_s:.1f}s on port {port}", flush=True)
-        result = {"argv": argv[1:], "env": dict(args.server_env), "ready_s": round(ready_s, 2), "model_info": info,
-                  **load_points(server, model, args, images)}
-    return result
+def per_image_cpu(report: dict) -> None:
+    """CPU cost per image: steadier than img/s on a shared machine."""
+    cpu, img_s = report["cpu"], report["throughput_img_s"]
+    if not img_s:
+        return
+    cpu["server_core_ms_per_img"] = round(1000 * cpu["server_cores"] / img_s, 2)
+    if "server_threads_cores" in cpu:  # where that CPU went
+        cpu["server_threads_core_ms_per_img"] = {k: round(1000 * v / img_s, 2)
+                                                 for k, v in cpu["server_threads_cores"].items()}
 
 
-def run_naive(models_dir: Path, model: str, args, images: list[bytes], logs: Path) -> dict:
-    port = free_port()
-    argv = [PY, "-m", "bench.naive_server", "--models-dir", str(models_dir), "--model", model, "--port", str(port)]
-    with Server(f"naive {model}", argv, port, logs / f"naive-{model}.log") as server:
-        ready_s = server.wait_ready()
-        print(f"naive {model} ready in {ready_s:.1f}s on port {port}", flush=True)
-        result = {"argv": argv[1:], "ready_s": round(ready_s, 2), **load_points(server, model, args, images)}
-    return result
+def alternating(servers: dict[str, Server], model: str, clients: int, args, images: list[bytes]) -> dict:
+    """``clients`` against each server in ``args.pair_rounds`` rounds, alternating which goes first, each round
+    ``args.duration / rounds`` long: each server's rounds pooled (``pool``). Returns the reports by server,
+    and under ``cpu`` the most other work seen in any round (for the noise guard)."""
+    rounds = args.pair_rounds
+    names = list(servers)
+    measured: dict[str, list[dict]] = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            report = measure_point(servers[name], model, clients, args, images, duration=args.duration / rounds,
+                                   warmup=args.warmup if i == 0 else min(args.warmup, 1.0), keep_latencies=True)
+            measured[name].append(report)
+            print(f"  round {i + 1}/{rounds}, {name}: p50 {report['latency_ms']['p50']} ms, "
+                  f"{report['ok']} requests", flush=True)
+    pooled = {name: pool(reports) for name, reports in measured.items()}
+    for name, report in pooled.items():
+        print(f"  {name}, {rounds} rounds pooled:\n{format_report(report)}", flush=True)
+    return {**pooled, "cpu": {"other_cores": max(r["cpu"]["other_cores"] for r in pooled.values())}}
+
+
+def pool(reports: list[dict]) -> dict:
+    """Several rounds of one load point on one server, as one report: counts summed, latencies pooled, CPU
+    averaged (the most other work of any round kept). ``server`` (its /metrics figures) is the last round's;
+    ``round_p50_ms`` keeps each round's median."""
+    last = reports[-1]
+    latencies = [x for r in reports for x in r.pop("latencies_s")]
+    duration = sum(r["duration_s"] for r in reports)
+    errors: dict[str, int] = {}
+    for r in reports:
+        for key, count in r["errors"].items():
+            errors[key] = errors.get(key, 0) + count
+    cpus = [r["cpu"] for r in reports]
+    cpu = {key: round(sum(c[key] for c in cpus) / len(cpus), 3) for key in cpus[0]
+           if isinstance(cpus[0][key], (int, float)) and all(key in c for c in cpus)}
+    cpu["other_cores"] = max(c["other_cores"] for c in cpus)
+    if all("server_threads_cores" in c for c in cpus):
+        groups = {k for c in cpus for k in c["server_threads_cores"]}
+        cpu["server_threads_cores"] = {k: round(sum(c["server_threads_cores"].get(k, 0.0) for c in cpus) / len(cpus), 3)
+                                       for k in sorted(groups)}
+    images_ok = sum(r["images_ok"] for r in reports)
+    report = {**last, "duration_s": duration, "requests": sum(r["requests"] for r in reports),
+              "ok": sum(r["ok"] for r in reports), "images_ok": images_ok, "errors": errors,
+              "throughput_img_s": round(images_ok / duration, 3),
+              "throughput_req_s": round(sum(r["ok"] for r in reports) / duration, 3),
+              "latency_ms": latency_summary(latencies), "rounds": len(reports),
+              "round_p50_ms": [r["latency_ms"]["p50"] for r in reports], "cpu": cpu}
+    for key in ("server_core_ms_per_img", "server_threads_core_ms_per_img"):
+        report["cpu"].pop(key, None)
+    per_image_cpu(report)
+    return report
+
+
+def run_servers(models_dir: Path, model: str, args, images: list[bytes], logs: Path, skip: set[str]) -> dict:
+    """archserve and the naive server (those not in ``skip``), both up: the low client count alternating
+    between them (one server alone: measured as the high one), then the high count on each in turn."""
+    low, high = args.clients
+    specs = {
+        "archserve": ([PY, "-m", "service", "--port", "{port}", "--models-dir", str(models_dir), "--models", model,
+                       *args.server_arg], dict(args.server_env)),
+        "naive": ([PY, "-m", "bench.naive_server", "--models-dir", str(models_dir), "--model", model,
+                   "--port", "{port}"], {}),
+    }
+    results: dict[str, dict] = {}
+    servers: dict[str, Server] = {}
+    with contextlib.ExitStack() as stack:
+        for name, (argv, env) in specs.items():
+            if name in skip:
+                continue
+            port = free_port()
+            argv = [str(port) if a == "{port}" else a for a in argv]
+            server = stack.enter_context(Server(f"{name} {model}", argv, port, logs / f"{name}-{model}.log", env))
+            ready_s = server.wait_ready()
+            print(f"{name} {model} ready in {ready_s:.1f}s on port {port}", flush=True)
+            servers[name] = server
+            results[name] = {"argv": argv[1:], "ready_s": round(ready_s, 2)}
+            if name == "archserve":
+                results[name].update(env=env, model_info=server.get_json(f"/models/{model}"))
+        if len(servers) == 2:
+            paired = args.guard.measure(f"{low} client(s), alternating",
+                                        lambda: alternating(servers, model, low, args, images))
+            for name in servers:
+                results[name][f"c{low}"] = {**paired[name], "attempts": paired["attempts"]}
+        for name, server in servers.items():
+            for clients in ([high] if len(servers) == 2 else [low, high]):
+                def point(server=server, clients=clients) -> dict:
+                    report = measure_point(server, model, clients, args, images)
+                    print(format_report(report), flush=True)
+                    print(f"  cpu cores: {report['cpu']}", flush=True)
+                    return report
+
+                print(f"  {name}:", flush=True)
+                results[name][f"c{clients}"] = args.guard.measure(f"{clients} client(s) on {name}", point)
+    return results
 
 
 # ---------------------------------------------------------------------------- main
 
 
 def run_model(model: str, models_dir: Path, args, images: list[bytes], logs: Path, tmp: Path, skip: set[str]) -> dict:
-    """One model's steps, in order: the engine, archserve, the naive server, the engine again. A failing step
-    is recorded under ``failures`` and the others still run."""
+    """One model's steps, in order: the engine, both servers, the engine again. A failing step is recorded
+    under ``failures`` (and its figures as None) and the others still run."""
     r: dict = {}
-    steps = (("engine", lambda: run_engine(models_dir, model, args, tmp)),
-             ("archserve", lambda: run_archserve(models_dir, model, args, images, logs)),
-             ("naive", lambda: run_naive(models_dir, model, args, images, logs)),
+    servers = [name for name in ("archserve", "naive") if name not in skip]
+    steps = (("engine", lambda: {"engine": args.guard.measure("the engine run",
+                                                              lambda: run_engine(models_dir, model, args, tmp))}),
+             ("servers", lambda: run_servers(models_dir, model, args, images, logs, skip)),
              # The engine once more: the machine's drift during the run, and a ceiling from both ends.
-             ("engine_after", lambda: run_engine(models_dir, model, args, tmp)))
+             ("engine_after", lambda: {"engine_after": args.guard.measure(
+                 "the engine run", lambda: run_engine(models_dir, model, args, tmp))}))
     for name, step in steps:
-        if name in skip or (name == "engine_after" and (r.get("engine") is None or args.quick)):
+        if (name in skip or (name == "servers" and not servers)
+                or (name == "engine_after" and (r.get("engine") is None or args.quick))):
             continue
         print(f"--- {model}: {name}", flush=True)
         quiet = args.guard.settle()
         try:
-            r[name] = args.guard.measure("the engine run", step) if name.startswith("engine") else step()
-            r[name]["settle"] = quiet
+            for key, figures in step().items():
+                r[key] = {**figures, "settle": quiet}
         except Exception as exc:  # one failing step must not lose the others' figures
             print(f"  {name} failed: {exc}", flush=True)
-            r[name] = None
+            for key in servers if name == "servers" else [name]:
+                r[key] = None
             r.setdefault("failures", {})[name] = str(exc)
     return r
 
@@ -177,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-budget-s", type=float, help="engine timed seconds per batch size (default 3; quick 0.5)")
     p.add_argument("--engine-rounds", type=int, help="engine rounds over all batch sizes, alternating the order, "
                    "each size's median over all of them (default 3; quick 2; see bench/engine_only.py)")
+    p.add_argument("--pair-rounds", type=int, help="rounds of the low client count, alternating between archserve "
+                   "and the naive server, each --duration / rounds long (default 4; --quick 2)")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra argument for archserve, e.g. --server-arg=--max-queue-delay-ms=2 (repeatable)")
@@ -208,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --engine-rounds must be at least 1", file=sys.stderr)
         return 2
     args.engine_rounds = args.engine_rounds or (2 if args.quick else 3)
+    if args.pair_rounds is not None and args.pair_rounds < 1:
+        print("error: --pair-rounds must be at least 1", file=sys.stderr)
+        return 2
+    args.pair_rounds = args.pair_rounds or (2 if args.quick else 4)
     if args.repeats is not None and args.repeats < 1:
         print("error: --repeats must be at least 1", file=sys.stderr)
         return 2
