@@ -10,6 +10,7 @@ here: a route never touches a batcher.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 import uuid
@@ -84,13 +85,17 @@ class Call:
         self.images = 1
         return [logits]
 
+    @functools.cached_property
+    def _specs(self) -> tuple:
+        """The model's preprocessing, then each shadow's: one decode serves them all."""
+        shadows = self.route.shadows if self.route else ()
+        return (self.served.preprocess, *(model.preprocess for _, model in shadows))
+
     def _decode(self, index: int, data: bytes, element: Callable[[int], str] | None) -> list[np.ndarray]:
         served = self.served
-        specs = (served.preprocess, *(model.preprocess for _, model in self.route.shadows)) if self.route else (
-            served.preprocess,)
         started = time.monotonic()
         try:
-            return decode_for(data, *specs)
+            return decode_for(data, *self._specs)
         except ServiceError as exc:
             if element is None:
                 raise

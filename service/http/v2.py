@@ -159,7 +159,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         if image.pixels is not None:  # N views of the request's array: the batch is the only copy
             logits = np.stack(await call.infer(list(image.pixels)))
         else:
-            logits = np.stack(await call.decode_and_infer(image.encoded, lambda i: f"input {image.name!r} element {i}"))
+            name = image.name
+            logits = np.stack(await call.decode_and_infer(image.encoded, lambda i: f"input {name!r} element {i}"))
         encode_args = (parsed, model_io(served), served.name, str(served.version), parsed.id or call.request_id,
                        logits)
         json_tensors = any(not o.binary and not o.classification for o in parsed.outputs)

@@ -137,8 +137,7 @@ class Batcher(BatcherLifecycle[T, R]):
             async with asyncio.timeout(delay):
                 outputs, error, _ = await asyncio.shield(future)  # a caller gone leaves the run to finish
         except TimeoutError:
-            raise DeadlineExceededError(f"{self._label}: no result before the request's deadline; "
-                                        "the server is overloaded, retry later") from None
+            raise self._late_error() from None
         if error is not None:
             raise InferenceError(f"inference failed for {self._label} (a batch of 1): {error}") from error
         return outputs[0]
@@ -211,7 +210,7 @@ class Batcher(BatcherLifecycle[T, R]):
                 await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
         except TimeoutError:
             self._abandon(entries, expired=True)
-            raise DeadlineExceededError(f"{self._label}: no result before the request's deadline; the server is overloaded, retry later") from None
+            raise self._late_error() from None
         except BaseException:
             self._abandon(entries, expired=False)
             raise
@@ -244,7 +243,7 @@ class Batcher(BatcherLifecycle[T, R]):
         if not expired:
             return
         for entry in expired:
-            self._fail(entry, self._expired_error())
+            self._fail(entry, self._late_error("the request's deadline passed while it was queued"))
         self._drop_finished()
         self._depth_changed()
         self._notify(self._on_expired, len(expired), "on_expired")
@@ -256,8 +255,8 @@ class Batcher(BatcherLifecycle[T, R]):
                 queue.clear()
                 queue.extend(kept)
 
-    def _expired_error(self) -> DeadlineExceededError:
-        return DeadlineExceededError(f"{self._label}: the request's deadline passed while it was queued; the server is overloaded, retry later")
+    def _late_error(self, what: str = "no result before the request's deadline") -> DeadlineExceededError:
+        return DeadlineExceededError(f"{self._label}: {what}; the server is overloaded, retry later")
 
     def _fail(self, entry: _Entry, error: BaseException) -> None:
         entry.state = _State.DONE
@@ -274,7 +273,7 @@ class Batcher(BatcherLifecycle[T, R]):
                 if entry.future.done():
                     entry.state = _State.DONE
                 elif entry.deadline is not None and entry.deadline <= now:
-                    self._fail(entry, self._expired_error())
+                    self._fail(entry, self._late_error("the request's deadline passed while it was queued"))
                     expired += 1
                 else:
                     entry.state = _State.RUNNING
