@@ -97,8 +97,9 @@ def test_a_running_server_names_its_decode_batch_and_onnxruntime_threads(exporte
     with running_server(models_dir=exported_repo, intra_op_threads=2, warmup=False) as (url, _):
         jpeg = io.BytesIO()
         Image.new("RGB", (320, 240), (200, 120, 40)).save(jpeg, format="JPEG")
-        response = httpx.post(f"{url}/classify/resnet18", content=jpeg.getvalue(),
-                              headers={"Content-Type": "image/jpeg"}, timeout=60)
+        # Two images: a lone one on an idle model is decoded in the batch thread, several in the decode pool.
+        files = [("image", (f"{i}.jpg", jpeg.getvalue(), "image/jpeg")) for i in range(2)]
+        response = httpx.post(f"{url}/classify/resnet18", files=files, timeout=60)
         assert response.status_code == 200, response.text
         names = set(thread_names().values())
     assert {"decode_0", "batch resnet18/", "ort resnet18/1"} <= names, names
