@@ -43,16 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_registry() -> None:
+    import torch
+
     from .complexity import count_gmacs, count_params
     from .models import get_model_spec, list_models
 
     print(f"{'name':<16}{'family':<14}{'input':>7}{'resize':>8}  {'interp':<9}{'params (M)':>11}{'GFLOPs':>8}")
     for name in list_models():
         spec = get_model_spec(name)
-        model = spec.build()
+        with torch.device("meta"):  # shapes only: counting needs no weights, building them takes seconds
+            model = spec.build()
+            params, gmacs = count_params(model), count_gmacs(model, spec.input_size)
         print(
             f"{name:<16}{spec.family:<14}{spec.input_size:>7}{spec.resize_size:>8}  {spec.interpolation:<9}"
-            f"{count_params(model) / 1e6:>11.2f}{count_gmacs(model, spec.input_size):>8.2f}"
+            f"{params / 1e6:>11.2f}{gmacs:>8.2f}"
         )
     print("GFLOPs are multiply-accumulates for one image at the input size (torchvision's convention).")
 

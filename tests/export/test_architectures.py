@@ -103,10 +103,9 @@ def test_forward_returns_logits_in_eval_and_train(name: str) -> None:
 @pytest.mark.parametrize("name", _params(list_models()))
 def test_num_classes(name: str) -> None:
     spec = get_model_spec(name)
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=10).eval()
-    with torch.no_grad():
-        assert model(_random_input(1, spec.input_size, seed=1)).shape == (1, 10)
+    with torch.device("meta"):  # shapes only: the values are tested above
+        model = build_model(name, num_classes=10).eval()
+        assert model(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape == (1, 10)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "googlenet"])
@@ -232,9 +231,10 @@ EXPECTED_PARAMS = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
 def test_parameter_count(name: str) -> None:
-    count = _n_params(build_model(name))
+    with torch.device("meta"):  # counts need no weights
+        count, oracle = _n_params(build_model(name)), _n_params(ORACLES[name]())
     assert abs(count - EXPECTED_PARAMS[name]) <= 0.005 * EXPECTED_PARAMS[name], count
-    assert count == _n_params(ORACLES[name]())
+    assert count == oracle
 
 
 def test_inception_v3_published_count_includes_aux_logits() -> None:

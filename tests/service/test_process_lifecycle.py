@@ -174,6 +174,9 @@ COLD = {"ARCHSERVE_WARMUP": "false"}
 def _start_service(repo, port: int, *extra: str, log=None, env=None) -> subprocess.Popen:
     """``python -m service`` in its own process group (so its workers can be killed with it), logging to ``log``."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ARCHSERVE_", "PROMETHEUS_"))}, **(env or {})}
+    # Each worker warms every batch size up to the largest before it is ready: 32 would make each start seconds
+    # longer, and these tests start many workers. An explicit --max-batch-size comes later and wins.
+    env.setdefault("ARCHSERVE_MAX_BATCH_SIZE", "4")
     return subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), "--models-dir", str(repo), "--log-level", "warning",
          *extra],
