@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"error: unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
     if args.quick:
-        args.duration, args.warmup, args.engine_budget_s, args.decode_s = 2.0, 0.5, 0.3, 1.0
+        args.duration, args.warmup, args.engine_budget_s, args.decode_s = 1.0, 0.3, 0.3, 1.0
         args.clients, args.clients_multi, args.phone_clients, args.v2_clients, args.v2_clients_multi = 4, 4, 2, 2, 2
         args.v2_batch, args.workers, args.sessions_batch = 4, min(args.workers, 2), 2
         # A server warms every batch size up to its largest on each lane: 128 would take most of the run.
