@@ -122,7 +122,8 @@ class Fp32Parity(_Strict):
 class Fp16Parity(_Strict):
     samples: int = Field(gt=0, description="Structured synthetic images compared.")
     top1_agreement: float = Field(
-        ge=0, le=1, description="Share of images whose fp16 top-1 class equals fp32's (the checked fp32 file, else PyTorch)."
+        ge=0, le=1,
+        description="Share of images whose fp16 top-1 class equals fp32's (the checked fp32 file, else PyTorch).",
     )
     tie_tolerance: float = Field(
         ge=0, description="fp32 logit gap below which two classes are tied at fp16 resolution."

@@ -1,5 +1,5 @@
 """Every registered architecture through the export: graph, parity, manifest, files; the fp16 gate on one model
-per family, block type and depth."""
+per family and on the deepest."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from export.models import get_model_spec, list_models
-from export.parity import FP16_THRESHOLD, FP32_TOLERANCE
+from export.parity import FP16_THRESHOLD, FP32_TOLERANCE, ParityError, check_fp16
 from export.synthetic import structured_images
 from modelrepo import file_sha256, list_versions, load_manifest
 from modelrepo.manifest import json_schema
@@ -122,12 +122,11 @@ def test_params_and_gflops_match_the_published_figures(name):
 
 
 def test_the_fp16_gate_takes_the_checked_fp32_file_as_reference_and_catches_wrong_weights(exports):
-    from export.parity import ParityError, check_fp16
-
     resnet18, googlenet = exports("resnet18").path, exports("googlenet").path
-    ok = check_fp16(None, resnet18 / "model.fp16.onnx", 224, seed=0, samples=20,
-                    fp32_path=resnet18 / "model.onnx")
+    size = get_model_spec("resnet18").input_size
+    assert get_model_spec("googlenet").input_size == size
+    ok = check_fp16(None, resnet18 / "model.fp16.onnx", size, seed=0, samples=20, fp32_path=resnet18 / "model.onnx")
     assert ok.samples == 20 and ok.top1_agreement_tie_aware >= FP16_THRESHOLD
     # Another network's fp16 file (same input and classes): a conversion that broke the weights.
     with pytest.raises(ParityError, match=r"fp16 parity failed: top-1 agrees with fp32 on [0-9.]+% of 20 images"):
-        check_fp16(None, googlenet / "model.fp16.onnx", 224, seed=0, samples=20, fp32_path=resnet18 / "model.onnx")
+        check_fp16(None, googlenet / "model.fp16.onnx", size, seed=0, samples=20, fp32_path=resnet18 / "model.onnx")
