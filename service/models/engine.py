@@ -99,8 +99,9 @@ class OnnxEngine:
             log.warning("%s: %s; running on the CPU provider", version_dir, _cuda_failed_reason)
             if precision == "fp16" and "fp32" in manifest.files:
                 precision = "fp32"
-                self.session = self.open_session(version_dir / manifest.files[precision].path, False, config)
-                self.provider = self.session.get_providers()[0]
+            # opened again as the CPU opens its session (the fp32 file, threads that spin between runs)
+            self.session = self.open_session(version_dir / manifest.files[precision].path, False, config)
+            self.provider = self.session.get_providers()[0]
         self.precision = precision
         self._entry = version_dir / manifest.files[precision].path
         self._config = config
@@ -147,16 +148,18 @@ class OnnxEngine:
 
     @staticmethod
     def open_session(entry: Path, cuda: bool, config: EngineConfig,
-                     cuda_extra: dict[str, str] | None = None) -> ort.InferenceSession:
+                     cuda_extra: dict[str, str] | None = None, lane: bool = False) -> ort.InferenceSession:
         """A session as the server opens it; ``cuda_extra`` overrides single CUDA provider options (bench.gpu
-        compares them)."""
+        compares them); ``lane``: one of the sessions that run beside others (``split``)."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if config.intra_op_threads:
             options.intra_op_num_threads = config.intra_op_threads
-        # onnxruntime's pool threads otherwise spin for a while after each run, on cores that decoding and the
-        # event loop need next (docs/benchmarks.md).
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        if cuda or lane:
+            # Their pool threads would spin on after each run, on cores that decoding, the event loop and the
+            # other lane need. The CPU session on every core runs requests that find the model idle: there,
+            # threads still spinning when the next run starts answer it sooner (docs/benchmarks.md).
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         providers: list = [CPU]
         if cuda:
             providers = [(CUDA, {**_cuda_options(config), **(cuda_extra or {})}), CPU]
@@ -182,7 +185,7 @@ class OnnxEngine:
             raise ValueError("lanes are for one CPU session; this engine runs on "
                              f"{self.provider} with {self.sessions} session(s)")
         config = replace(self._config, intra_op_threads=threads)
-        self._lanes = [self.open_session(self._entry, False, config) for _ in range(lanes)]
+        self._lanes = [self.open_session(self._entry, False, config, lane=True) for _ in range(lanes)]
         self.lane_threads = threads
 
     def _lane_session(self) -> ort.InferenceSession:
