@@ -48,14 +48,18 @@ def print_registry() -> None:
     from .complexity import count_gmacs, count_params
     from .models import get_model_spec, list_models
 
-    print(f"{'name':<16}{'family':<14}{'input':>7}{'resize':>8}  {'interp':<9}{'params (M)':>11}{'GFLOPs':>8}")
-    for name in list_models():
+    names = list_models()
+    # Columns as wide as the longest name and family, so the fields never run together.
+    nw = max(len("name"), *map(len, names)) + 2
+    fw = max(len("family"), *(len(get_model_spec(n).family) for n in names)) + 2
+    print(f"{'name':<{nw}}{'family':<{fw}}{'input':>7}{'resize':>8}  {'interp':<9}{'params (M)':>11}{'GFLOPs':>8}")
+    for name in names:
         spec = get_model_spec(name)
         with torch.device("meta"):  # shapes only: counting needs no weights, building them takes seconds
             model = spec.build()
             params, gmacs = count_params(model), count_gmacs(model, spec.input_size)
         print(
-            f"{name:<16}{spec.family:<14}{spec.input_size:>7}{spec.resize_size:>8}  {spec.interpolation:<9}"
+            f"{name:<{nw}}{spec.family:<{fw}}{spec.input_size:>7}{spec.resize_size:>8}  {spec.interpolation:<9}"
             f"{params / 1e6:>11.2f}{gmacs:>8.2f}"
         )
     print("GFLOPs are multiply-accumulates for one image at the input size (torchvision's convention).")

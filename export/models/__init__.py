@@ -1,10 +1,10 @@
-"""The seed architectures, registered by name.
+"""The architectures, registered by name.
 
 Importing this package imports every architecture file, which registers its
 builders.
 """
 
-from . import googlenet, inception_v3, resnet  # noqa: F401  (registers models)
+from . import googlenet, inception_resnet_v2, inception_v3, inception_v4, resnet  # noqa: F401  (registers models)
 from ._registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,

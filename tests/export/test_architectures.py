@@ -15,13 +15,12 @@ from typing import Callable, Iterable
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from export.models import build_model, get_model_spec, list_models
 from export.models.inception_v3 import InceptionA, InceptionC
 from export.models.resnet import BasicBlock, Bottleneck, resnet18, resnet50, se_resnet18, se_resnet50
 from export.models.squeeze_excite import SqueezeExcite
+from tests.architecture_measures import flops, give_trained_looking_batchnorm, kernel_area, receptive_field
 
 EXPORT_DIR = Path(__file__).resolve().parents[2] / "export"
 SLOW = {"resnet101", "resnet152", "se_resnet101", "se_resnet152"}
@@ -120,31 +119,12 @@ def test_build_is_deterministic_under_manual_seed(name: str) -> None:
 # --- compatibility with the oracles -------------------------------------------------
 
 
-def _give_trained_looking_batchnorm(model: nn.Module, size: int, seed: int) -> None:
-    """Random BN affine parameters, then running stats from one batch.
-
-    With fresh stats (mean 0, var 1) deep random-init nets blow up in eval mode and
-    zero-init last BNs (timm's default) would hide the residual branch and SE layer.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    with torch.no_grad():
-        for bn in bns:
-            bn.weight.uniform_(0.5, 1.5, generator=gen)
-            bn.bias.normal_(0.0, 0.1, generator=gen)
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average: running stats = this batch's stats
-        model.train()(torch.randn(1, 3, size, size, generator=gen))
-    for bn in bns:
-        bn.momentum = 0.1
-
-
 @pytest.mark.parametrize("name", _params(sorted(ORACLES)))
 def test_oracle_state_dict_loads_strictly_and_outputs_match(name: str) -> None:
     spec = get_model_spec(name)
     torch.manual_seed(0)
     oracle = ORACLES[name]()
-    _give_trained_looking_batchnorm(oracle, spec.input_size, seed=1)
+    give_trained_looking_batchnorm(oracle, spec.input_size, seed=1)
     ours = spec.build()
     ours.load_state_dict(oracle.state_dict(), strict=True)
 
@@ -247,37 +227,16 @@ def test_inception_v3_published_count_includes_aux_logits() -> None:
 # --- claims from the seed notes, checked on our modules ---------------------------------
 
 
-def _kernel_area(conv: nn.Conv2d) -> int:
-    """Weights per (input, output) channel pair."""
-    return conv.weight.shape[-2] * conv.weight.shape[-1]
-
-
-def _receptive_field(convs: list[nn.Conv2d], size: int = 15) -> tuple[int, int]:
-    """Height and width of the input region the centre output depends on.
-
-    Uses |weights| so no two paths can cancel in the gradient.
-    """
-    x = torch.zeros(1, convs[0].in_channels, size, size, requires_grad=True)
-    y = x
-    for conv in convs:
-        y = F.conv2d(y, conv.weight.detach().abs(), padding=conv.padding)
-    y[0, :, size // 2, size // 2].sum().backward()
-    support = x.grad[0].abs().sum(0) > 0
-    rows = support.any(1).nonzero().flatten()
-    cols = support.any(0).nonzero().flatten()
-    return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
-
-
 def test_two_stacked_3x3_replace_5x5_with_28_percent_fewer_weights() -> None:
     torch.manual_seed(0)
     block = InceptionA(192, pool_features=32)
     five = [block.branch5x5_2.conv]
     two_threes = [block.branch3x3dbl_2.conv, block.branch3x3dbl_3.conv]
 
-    assert _kernel_area(five[0]) == 25
-    assert sum(_kernel_area(c) for c in two_threes) == 18
+    assert kernel_area(five[0]) == 25
+    assert sum(kernel_area(c) for c in two_threes) == 18
     assert round(1 - 18 / 25, 2) == 0.28
-    assert _receptive_field(five) == _receptive_field(two_threes) == (5, 5)
+    assert receptive_field(five) == receptive_field(two_threes) == (5, 5)
 
 
 def test_1x3_then_3x1_replaces_3x3_with_33_percent_fewer_weights() -> None:
@@ -288,10 +247,10 @@ def test_1x3_then_3x1_replaces_3x3_with_33_percent_fewer_weights() -> None:
         nn.Conv2d(c, c, kernel_size=(1, 3), padding=(0, 1), bias=False),
         nn.Conv2d(c, c, kernel_size=(3, 1), padding=(1, 0), bias=False),
     ]
-    assert _kernel_area(square[0]) == 9
-    assert sum(_kernel_area(conv) for conv in asymmetric) == 6
+    assert kernel_area(square[0]) == 9
+    assert sum(kernel_area(conv) for conv in asymmetric) == 6
     assert round(1 - 6 / 9, 2) == 0.33
-    assert _receptive_field(square) == _receptive_field(asymmetric) == (3, 3)
+    assert receptive_field(square) == receptive_field(asymmetric) == (3, 3)
 
 
 def test_inception_c_factorises_7x7_as_1x7_then_7x1() -> None:
@@ -299,8 +258,8 @@ def test_inception_c_factorises_7x7_as_1x7_then_7x1() -> None:
     block = InceptionC(768, channels_7x7=128)
     pair = [block.branch7x7_2.conv, block.branch7x7_3.conv]
     assert [tuple(c.kernel_size) for c in pair] == [(1, 7), (7, 1)]
-    assert sum(_kernel_area(c) for c in pair) == 14  # instead of 49
-    assert _receptive_field(pair) == (7, 7)
+    assert sum(kernel_area(c) for c in pair) == 14  # instead of 49
+    assert receptive_field(pair) == (7, 7)
 
 
 def test_squeeze_excite_adds_under_10_percent_params_to_resnet50() -> None:
@@ -308,27 +267,9 @@ def test_squeeze_excite_adds_under_10_percent_params_to_resnet50() -> None:
     assert 0 < (se - base) / base < 0.10, (base, se)
 
 
-def _flops(model: nn.Module, size: int = 224) -> int:
-    """Conv / matmul FLOPs from FlopCounterMode, plus the SE layers' elementwise work
-    (the pooling sum and the channel-wise multiply), which FlopCounterMode does not count."""
-    elementwise = 0
-
-    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal elementwise
-        elementwise += 2 * inputs[0].numel()
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, SqueezeExcite)]
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.eval()(torch.zeros(1, 3, size, size))
-    for h in hooks:
-        h.remove()
-    return counter.get_total_flops() + elementwise
-
-
 def test_squeeze_excite_adds_under_1_percent_flops_to_resnet50() -> None:
     torch.manual_seed(0)
-    base, se = _flops(resnet50()), _flops(se_resnet50())
+    base, se = flops(resnet50()), flops(se_resnet50())
     assert 0 < (se - base) / base < 0.01, (base, se)
 
 
