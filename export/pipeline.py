@@ -28,7 +28,7 @@ from modelrepo.manifest import (
     RandomInit,
 )
 
-from .calibrate import RESIDUAL_BRANCH_SCALE, calibrate_batchnorm, damp_residual_branches
+from .calibrate import RESIDUAL_BRANCH_SCALE, activate_plain_networks, calibrate_batchnorm, damp_residual_branches
 from .complexity import count_gmacs, count_params
 from .models import get_model_spec
 from .onnx_graph import DEFAULT_OPSET, EXPORTER, INPUT_NAME, OUTPUT_NAME, ServingGraph, export_onnx
@@ -137,6 +137,7 @@ def export_model(arch: str, options: ExportOptions, progress: Progress = lambda 
         damped = 0
         if options.calibrate:
             damped = damp_residual_branches(model)
+            activate_plain_networks(model)
             step("calibrate batch-norm", calibrate_batchnorm, model, spec.input_size, spec.mean, spec.std, options.seed)
         weights = RandomInit(
             seed=options.seed, batchnorm_calibrated=options.calibrate,

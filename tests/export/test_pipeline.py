@@ -15,14 +15,9 @@ from export.parity import FP16_THRESHOLD, FP32_TOLERANCE, ParityError, check_fp1
 from export.synthetic import structured_images
 from modelrepo import file_sha256, list_versions, load_manifest
 from modelrepo.manifest import json_schema
+from tests.exports import FULL
 
-QUICK = {"resnet18", "googlenet"}
-# The default export (fp32 + fp16 behind the gate, batch-norm calibrated) of one model per family and of the
-# deepest: the fp16 gate depends on the blocks and on depth (se_resnet152 has the most residual branches, with SE
-# and bottlenecks; resnet18 has the basic blocks).
-# Every other model goes through the same export at fp32 without calibration (its graph, files and fp32 parity):
-# on a 2-core CPU a deep model's full export takes a minute or more, mostly calibration and the 100-image gate.
-FULL = QUICK | {"se_resnet152", "inception_v3"}
+QUICK = {"resnet18", "googlenet"}  # not marked slow
 
 
 def _param(name: str):
@@ -30,7 +25,7 @@ def _param(name: str):
 
 
 def test_the_full_exports_cover_every_family():
-    assert FULL <= set(list_models())
+    assert set(FULL) <= set(list_models())
     assert {get_model_spec(n).family for n in FULL} == {get_model_spec(n).family for n in list_models()}
 
 
@@ -41,9 +36,9 @@ def schema():
 
 @pytest.mark.parametrize("name", [_param(n) for n in list_models()])
 def test_export_publishes_a_checked_servable_model(name, exports, schema):
-    # The session's export (seed 0, the default options): the service tests serve this very resnet18.
+    # The session's export (tests/exports.py): the service tests serve these very files.
     full = name in FULL
-    result = exports(name, seed=0) if full else exports(name, precisions=("fp32",), calibrate=False)
+    result = exports.checked(name)
     out = result.path.parents[1]
     spec = get_model_spec(name)
     size = spec.input_size
@@ -66,6 +61,7 @@ def test_export_publishes_a_checked_servable_model(name, exports, schema):
     assert manifest.opset >= 17
     assert manifest.parity.fp32.relative_diff <= FP32_TOLERANCE
     if full:
+        assert manifest.parity.fp16.samples == FULL[name]
         assert manifest.parity.fp16.top1_agreement_tie_aware >= FP16_THRESHOLD
 
     for precision, entry in manifest.files.items():

@@ -273,3 +273,48 @@ def test_sighup_reloads_the_experiments_file(experiment_repo, experiments_file, 
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_an_experiment_compares_inception_v3_with_the_hybrid_and_shadows_se_inception(exports, tmp_path):
+    # The three Inception generations side by side in one experiment: the factorised v3 against the residual
+    # hybrid, SE-Inception v3 in the shadow; the session's exports, as test_pipeline checks them.
+    repo = tmp_path / "models"
+    for name in ("inception_v3", "inception_resnet_v2", "se_inception_v3"):
+        exports.copy(exports.checked(name), repo)
+    config = tmp_path / "experiments.yaml"
+    config.write_text("""
+experiments:
+  - name: inception-generations
+    sticky_key: X-User-Id
+    variants:
+      - {name: factorised, model: inception_v3, weight: 1}
+      - {name: hybrid, model: inception_resnet_v2, weight: 1}
+    shadows:
+      - {name: se, model: se_inception_v3}
+""")
+    image = jpeg(seed=5)
+    with serve(repo, config, tmp_path / "store.sqlite3") as (url, _):
+        served_by = {}
+        for user in [f"user-{i}" for i in range(8)]:
+            r = httpx.post(f"{url}/classify/inception-generations", content=image, headers={"X-User-Id": user},
+                           timeout=120)
+            assert r.status_code == 200, r.text
+            served_by[user] = r.json()
+        assert {b["variant"] for b in served_by.values()} == {"factorised", "hybrid"}
+        for body in served_by.values():  # each variant's answer is its model's own
+            model = {"factorised": "inception_v3", "hybrid": "inception_resnet_v2"}[body["variant"]]
+            assert body["model"] == model
+        hybrid = next(b for b in served_by.values() if b["variant"] == "hybrid")
+        direct = httpx.post(f"{url}/classify/inception_resnet_v2", content=image, timeout=120).json()
+        assert hybrid["results"] == direct["results"]
+
+        def shadow_pairs():
+            report = httpx.get(f"{url}/experiments/inception-generations/report").json()
+            return sum(c["n_pairs"] for c in report["shadow_comparisons"])
+        wait_for(lambda: shadow_pairs() >= 8, timeout=120)  # one pair per request through the experiment
+        report = httpx.get(f"{url}/experiments/inception-generations/report").json()
+        assert {c["shadow"] for c in report["shadow_comparisons"]} == {"se"}
+        assert {c["primary"] for c in report["shadow_comparisons"]} == {"factorised", "hybrid"}
+        assert sorted(v["name"] for v in report["variants"]) == ["factorised", "hybrid"]
+        assert sum(v["n_images"] for v in report["variants"]) == 8
