@@ -52,7 +52,8 @@ def print_registry() -> None:
     # Columns as wide as the longest name and family, so the fields never run together.
     nw = max(len("name"), *map(len, names)) + 2
     fw = max(len("family"), *(len(get_model_spec(n).family) for n in names)) + 2
-    print(f"{'name':<{nw}}{'family':<{fw}}{'input':>7}{'resize':>8}  {'interp':<9}{'params (M)':>11}{'GFLOPs':>8}")
+    print(f"{'name':<{nw}}{'family':<{fw}}{'input':>7}{'resize':>8}  {'interp':<9}{'params (M)':>11}{'GFLOPs':>8}"
+          f"  {'published (M / GFLOPs)'}")
     for name in names:
         spec = get_model_spec(name)
         with torch.device("meta"):  # shapes only: counting needs no weights, building them takes seconds
@@ -60,9 +61,11 @@ def print_registry() -> None:
             params, gmacs = count_params(model), count_gmacs(model, spec.input_size)
         print(
             f"{name:<{nw}}{spec.family:<{fw}}{spec.input_size:>7}{spec.resize_size:>8}  {spec.interpolation:<9}"
-            f"{params / 1e6:>11.2f}{gmacs:>8.2f}"
+            f"{params / 1e6:>11.2f}{gmacs:>8.2f}  "
+            + (f"{spec.published[0]:g} / {spec.published[1]:g}" if spec.published else "-")
         )
-    print("GFLOPs are multiply-accumulates for one image at the input size (torchvision's convention).")
+    print("GFLOPs are multiply-accumulates for one image at the input size (torchvision's convention); published: "
+          "the checkpoint's model card (torchvision, timm).")
 
 
 def main(argv: list[str] | None = None) -> int:

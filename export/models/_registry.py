@@ -43,6 +43,10 @@ class ModelSpec:
     # and are dropped, with a note, before the strict load.
     training_only_prefixes: tuple[str, ...] = field(default=())
     description: str = ""
+    # (parameters in millions, GMACs for one image) as the checkpoint's model card publishes them; None where
+    # no checkpoint is published. ``python -m export --list`` prints them beside our counts, and a test holds
+    # the two together.
+    published: tuple[float, float] | None = None
 
     def build(self, num_classes: int | None = None, **options) -> nn.Module:
         classes = self.num_classes if num_classes is None else num_classes

@@ -150,6 +150,7 @@ class GoogLeNet(nn.Module):
     state_dict_layout="torchvision",
     training_only_prefixes=("aux1.", "aux2."),
     description="GoogLeNet / Inception v1 (torchvision layout, no auxiliary heads)",
+    published=(6.62, 1.50),
 )
 def googlenet(num_classes: int = 1000, **kwargs: Any) -> GoogLeNet:
     return GoogLeNet(num_classes=num_classes, **kwargs)

@@ -260,6 +260,7 @@ class InceptionResNetV2(nn.Module):
     std=(0.5, 0.5, 0.5),
     state_dict_layout="timm",
     description="Inception-ResNet-v2 (timm inception_resnet_v2 layout)",
+    published=(55.8, 13.2),
 )
 def inception_resnet_v2(num_classes: int = 1000, **kwargs: Any) -> InceptionResNetV2:
     return InceptionResNetV2(num_classes=num_classes, **kwargs)

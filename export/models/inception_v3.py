@@ -272,6 +272,7 @@ _INCEPTION_V3_INPUTS: dict[str, Any] = dict(
     state_dict_layout="torchvision",
     training_only_prefixes=("AuxLogits.",),
     description="Inception v3 (torchvision layout, no auxiliary head)",
+    published=(23.83, 5.71),  # torchvision's 27.16M counts the auxiliary head, which is not exported
 )
 def inception_v3(num_classes: int = 1000, **kwargs: Any) -> Inception3:
     return Inception3(num_classes=num_classes, **kwargs)

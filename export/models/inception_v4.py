@@ -241,6 +241,7 @@ class InceptionV4(nn.Module):
     std=(0.5, 0.5, 0.5),
     state_dict_layout="timm",
     description="Inception-v4 (timm inception_v4 layout)",
+    published=(42.7, 12.3),
 )
 def inception_v4(num_classes: int = 1000, **kwargs: Any) -> InceptionV4:
     return InceptionV4(num_classes=num_classes, **kwargs)

@@ -192,27 +192,27 @@ _SE_RESNET: dict[str, Any] = dict(
 )
 
 
-@register_model(**_RESNET, description="ResNet-18 (torchvision layout)")
+@register_model(**_RESNET, description="ResNet-18 (torchvision layout)", published=(11.69, 1.81))
 def resnet18(num_classes: int = 1000, **kwargs: Any) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, **kwargs)
 
 
-@register_model(**_RESNET, description="ResNet-34 (torchvision layout)")
+@register_model(**_RESNET, description="ResNet-34 (torchvision layout)", published=(21.80, 3.66))
 def resnet34(num_classes: int = 1000, **kwargs: Any) -> ResNet:
     return ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, **kwargs)
 
 
-@register_model(**_RESNET, description="ResNet-50 v1.5 (torchvision layout)")
+@register_model(**_RESNET, description="ResNet-50 v1.5 (torchvision layout)", published=(25.56, 4.09))
 def resnet50(num_classes: int = 1000, **kwargs: Any) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, **kwargs)
 
 
-@register_model(**_RESNET, description="ResNet-101 v1.5 (torchvision layout)")
+@register_model(**_RESNET, description="ResNet-101 v1.5 (torchvision layout)", published=(44.55, 7.80))
 def resnet101(num_classes: int = 1000, **kwargs: Any) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes, **kwargs)
 
 
-@register_model(**_RESNET, description="ResNet-152 v1.5 (torchvision layout)")
+@register_model(**_RESNET, description="ResNet-152 v1.5 (torchvision layout)", published=(60.19, 11.51))
 def resnet152(num_classes: int = 1000, **kwargs: Any) -> ResNet:
     return ResNet(Bottleneck, [3, 8, 36, 3], num_classes=num_classes, **kwargs)
 
@@ -227,7 +227,7 @@ def se_resnet34(num_classes: int = 1000, **kwargs: Any) -> ResNet:
     return ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, attn_layer=SqueezeExcite, **kwargs)
 
 
-@register_model(**_SE_RESNET, description="SE-ResNet-50 (timm seresnet50 layout)")
+@register_model(**_SE_RESNET, description="SE-ResNet-50 (timm seresnet50 layout)", published=(28.09, 4.09))
 def se_resnet50(num_classes: int = 1000, **kwargs: Any) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, attn_layer=SqueezeExcite, **kwargs)
 
