@@ -28,7 +28,9 @@ from modelrepo.manifest import (
     RandomInit,
 )
 
-from .calibrate import RESIDUAL_BRANCH_SCALE, activate_plain_networks, calibrate_batchnorm, damp_residual_branches
+from .calibrate import (
+    ACTIVE_BIAS, RESIDUAL_BRANCH_SCALE, activate_plain_networks, calibrate_batchnorm, damp_residual_branches,
+)
 from .complexity import count_gmacs, count_params
 from .models import get_model_spec
 from .onnx_graph import DEFAULT_OPSET, EXPORTER, INPUT_NAME, OUTPUT_NAME, ServingGraph, export_onnx
@@ -134,14 +136,15 @@ def export_model(arch: str, options: ExportOptions, progress: Progress = lambda 
             file=options.weights.name, sha256=file_sha256(options.weights), dropped_keys=report.dropped_keys
         )
     else:
-        damped = 0
+        damped = activated = 0
         if options.calibrate:
             damped = damp_residual_branches(model)
-            activate_plain_networks(model)
+            activated = activate_plain_networks(model)
             step("calibrate batch-norm", calibrate_batchnorm, model, spec.input_size, spec.mean, spec.std, options.seed)
         weights = RandomInit(
             seed=options.seed, batchnorm_calibrated=options.calibrate,
             residual_branch_scale=RESIDUAL_BRANCH_SCALE if damped else None,
+            batchnorm_bias=ACTIVE_BIAS if activated else None,
         )
     model.eval()
     complexity = Complexity(params=count_params(model), gflops=round(count_gmacs(model, spec.input_size), 4))

@@ -96,6 +96,11 @@ class RandomInit(_Strict):
         default=None,
         description="Initial scale of the last batch norm in each residual branch, if damped (null: none).",
     )
+    batchnorm_bias: float | None = Field(
+        default=None,
+        description="Initial bias of every batch norm, set before calibration in a network without residual "
+        "branches to damp, so its random activations stay close to linear (null: not set).",
+    )
 
 
 class Checkpoint(_Strict):

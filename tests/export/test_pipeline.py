@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from export.calibrate import ACTIVE_BIAS
 from export.models import get_model_spec, list_models
 from export.parity import FP16_THRESHOLD, FP32_TOLERANCE, ParityError, check_fp16
 from export.synthetic import structured_images
@@ -53,6 +54,11 @@ def test_export_publishes_a_checked_servable_model(name, exports, schema):
     assert manifest.name == name and manifest.version == 1
     assert manifest.weights.source == "random-init" and manifest.weights.seed == 0
     assert manifest.weights.batchnorm_calibrated is full
+    # A calibrated random network gets one of the two remedies: ResNets damped branches, the others active biases.
+    remedies = [manifest.weights.residual_branch_scale, manifest.weights.batchnorm_bias]
+    assert sum(r is not None for r in remedies) == (1 if full else 0)
+    if full and spec.family.startswith(("inception", "se_inception", "googlenet")):
+        assert manifest.weights.batchnorm_bias == ACTIVE_BIAS
     assert sorted(manifest.files) == (["fp16", "fp32"] if full else ["fp32"])
     assert manifest.input.shape == (None, size, size, 3)
     assert (manifest.preprocessing.resize, manifest.preprocessing.crop) == (spec.resize_size, size)
