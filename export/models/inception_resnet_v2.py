@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._registry import register_model
 from .googlenet import BasicConv2d
-from .resnet import AttnLayer
+from .squeeze_excite import AttnLayer, make_attention
 
 
 class Mixed5b(nn.Module):
@@ -67,7 +67,7 @@ class _Residual(nn.Module):
     ) -> None:
         # Called after the branches are built, so the state dict lists keys in timm's order.
         self.conv2d = nn.Conv2d(branch_channels, channels, kernel_size=1)
-        self.se = attn_layer(channels) if attn_layer is not None else None
+        self.se = make_attention(attn_layer, channels)
         self.relu = None if no_relu else nn.ReLU()
 
     def branches(self, x: Tensor) -> Tensor:

@@ -20,13 +20,7 @@ from torch import Tensor
 
 from ._registry import register_model
 from .googlenet import BasicConv2d
-from .resnet import AttnLayer
-from .squeeze_excite import SqueezeExcite
-
-
-def _attention(attn_layer: Optional[AttnLayer], channels: int) -> Optional[nn.Module]:
-    # None adds no module, so the plain model's state dict stays torchvision's.
-    return attn_layer(channels) if attn_layer is not None else None
+from .squeeze_excite import AttnLayer, SqueezeExcite, make_attention
 
 
 def _attend(se: Optional[nn.Module], x: Tensor) -> Tensor:
@@ -53,7 +47,7 @@ class InceptionA(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
 
         self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
-        self.se = _attention(attn_layer, 64 + 64 + 96 + pool_features)
+        self.se = make_attention(attn_layer, 64 + 64 + 96 + pool_features)
 
     def forward(self, x: Tensor) -> Tensor:
         branch1x1 = self.branch1x1(x)
@@ -73,7 +67,7 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
         self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-        self.se = _attention(attn_layer, 384 + 96 + in_channels)
+        self.se = make_attention(attn_layer, 384 + 96 + in_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         branch3x3 = self.branch3x3(x)
@@ -103,7 +97,7 @@ class InceptionC(nn.Module):
         self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
 
         self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.se = _attention(attn_layer, 4 * 192)
+        self.se = make_attention(attn_layer, 4 * 192)
 
     def forward(self, x: Tensor) -> Tensor:
         branch1x1 = self.branch1x1(x)
@@ -131,7 +125,7 @@ class InceptionD(nn.Module):
         self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
         self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
         self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-        self.se = _attention(attn_layer, 320 + 192 + in_channels)
+        self.se = make_attention(attn_layer, 320 + 192 + in_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         branch3x3 = self.branch3x3_2(self.branch3x3_1(x))
@@ -161,7 +155,7 @@ class InceptionE(nn.Module):
         self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
 
         self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.se = _attention(attn_layer, 320 + 2 * 384 + 2 * 384 + 192)
+        self.se = make_attention(attn_layer, 320 + 2 * 384 + 2 * 384 + 192)
 
     def forward(self, x: Tensor) -> Tensor:
         branch1x1 = self.branch1x1(x)

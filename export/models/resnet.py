@@ -7,16 +7,15 @@ is a ResNet whose blocks get an attention layer (``attn_layer``), not a separate
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ._registry import register_model
-from .squeeze_excite import SqueezeExcite
+from .squeeze_excite import AttnLayer, SqueezeExcite, make_attention
 
-AttnLayer = Callable[[int], nn.Module]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -44,7 +43,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.se = attn_layer(planes) if attn_layer is not None else None
+        self.se = make_attention(attn_layer, planes)
         self.downsample = downsample
 
     def zero_init_last(self) -> None:
@@ -86,7 +85,7 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(planes, outplanes)
         self.bn3 = nn.BatchNorm2d(outplanes)
         self.relu = nn.ReLU(inplace=True)
-        self.se = attn_layer(outplanes) if attn_layer is not None else None
+        self.se = make_attention(attn_layer, outplanes)
         self.downsample = downsample
 
     def zero_init_last(self) -> None:

@@ -7,6 +7,8 @@ named ``fc1`` and ``fc2``.
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch.nn as nn
 from torch import Tensor
 
@@ -34,4 +36,13 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(s)
 
 
-__all__ = ["SqueezeExcite", "make_divisible"]
+# An attention layer as blocks and modules take it: built for a channel count (SqueezeExcite is one).
+AttnLayer = Callable[[int], nn.Module]
+
+
+def make_attention(attn_layer: Optional[AttnLayer], channels: int) -> Optional[nn.Module]:
+    """The layer for ``channels``, or None: no module, so a model without attention keeps its plain state dict."""
+    return attn_layer(channels) if attn_layer is not None else None
+
+
+__all__ = ["AttnLayer", "SqueezeExcite", "make_attention", "make_divisible"]
