@@ -10,11 +10,11 @@ torchvision's ``zero_init_residual``): with unit-scale branches the residual
 stream grows with depth until fp16 and fp32 of a deep random ResNet disagree on
 the top class for many images (docs/benchmarks.md). A deep network without
 residual branches (Inception) is chaotic at random init instead: a small
-difference at the input (fp16 rounding) grows by about 1.5x per module, until
-it is as large as the signal. Its batch-norm biases are set to +2 before
-calibrating, so nearly every ReLU passes its input and the network is close to
-linear, where a difference no longer grows (+1 still left SE-Inception's fp16
-top-1 under the gate). Checkpoints are loaded instead of all this.
+difference at the input (fp16 rounding) grows module after module until it is
+as large as the signal. Its batch-norm biases are set to +2 before calibrating,
+so nearly every ReLU passes its input and the network is close to linear, where
+a difference no longer grows (docs/benchmarks.md). Checkpoints are loaded
+instead of all this.
 """
 
 from __future__ import annotations
