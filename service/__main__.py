@@ -56,8 +56,9 @@ def _supervisor_class():
           of taking them down.
         """
 
-        def __init__(self, config, sockets) -> None:
+        def __init__(self, config, sockets, engine: "EngineProcess | None" = None) -> None:
             super().__init__(config, sockets=sockets)
+            self.engine = engine
             self.served = False  # every worker of the first start has been ready
             self._retry: dict[int, tuple[float, object]] = {}  # slot -> (when to start it again, its failed process)
             self._failures: dict[int, int] = {}  # slot -> failed starts in a row
@@ -82,6 +83,9 @@ def _supervisor_class():
             if self.should_exit.is_set():
                 return
             now = time.monotonic()
+            if self.engine is not None and not self.engine.keep_alive(now, self.served):
+                self.should_exit.set()  # the engine could not load at the first start: nothing can serve
+                return
             live = set(self.processes)  # forget processes replaced since (a restart, a dead worker)
             self._ready &= live
             self._first_seen = {p: t for p, t in self._first_seen.items() if p in live}
@@ -142,10 +146,66 @@ def _supervisor_class():
             self.processes[idx].start()
 
         def startup_failed(self) -> bool:
-            """Whether the server stopped because a worker of its first start could not start."""
-            return not self.served and any(process.exitcode == STARTUP_FAILURE for process in self.processes)
+            """Whether the server stopped because a worker (or the engine) of its first start could not start."""
+            return not self.served and (
+                any(process.exitcode == STARTUP_FAILURE for process in self.processes)
+                or (self.engine is not None and self.engine.failed_to_start))
 
     return Supervisor
+
+
+class EngineProcess:
+    """The engine process of a server with front-ends (``service.split``): started before them, restarted if it
+    dies, stopped after them (they drain their requests through it)."""
+
+    def __init__(self, socket_path: str) -> None:
+        import multiprocessing
+
+        self.socket_path = socket_path
+        self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state of this one
+        self.process = None
+        self.failed_to_start = False
+        self._failures = 0
+        self._retry_at = 0.0
+        self.log = logging.getLogger("uvicorn.error")
+
+    def start(self) -> None:
+        from .split import server
+
+        self.process = self._context.Process(target=server.run, args=(self.socket_path,), name="archserve-engine")
+        self.process.start()
+        self.log.info("Started engine process [%s]", self.process.pid)
+
+    def keep_alive(self, now: float, served: bool) -> bool:
+        """Restart the engine if it died; False if it could not load before the server ever served."""
+        from uvicorn.config import STARTUP_FAILURE
+
+        if self.process.is_alive():
+            return True
+        if self.process.exitcode == STARTUP_FAILURE and not served:
+            self.log.error("The engine process [%s] could not load the models, stopping.", self.process.pid)
+            self.failed_to_start = True
+            return False
+        if now < self._retry_at:
+            return True
+        if self.process.exitcode == STARTUP_FAILURE:  # cannot load now (a broken version): try again, slower
+            self._failures += 1
+            self._retry_at = now + min(60.0, 2.0**self._failures)
+        else:
+            self._failures = 0
+        self.log.error("The engine process [%s] exited (code %s); starting another; the front-ends answer 503 "
+                       "until it is ready", self.process.pid, self.process.exitcode)
+        self.start()
+        return True
+
+    def stop(self, timeout: float) -> None:
+        if self.process is None or not self.process.is_alive():
+            return
+        self.process.terminate()  # SIGTERM: finish what is queued, then exit
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models-dir", help="model repository (default models)")
     parser.add_argument("--models", help="models to serve: NAME or NAME@VERSION, comma-separated (default all)")
     parser.add_argument("--workers", type=int, help="HTTP worker processes (default 1)")
+    parser.add_argument("--engine-process", choices=["auto", "on", "off"],
+                        help="one engine process holds the models, fed by every worker (default auto: with workers > 1)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="execution device (default auto)")
     parser.add_argument("--require-gpu", action="store_true", default=None, help="not ready unless on CUDA")
     parser.add_argument("--max-batch-size", type=int, help="largest batch (default 32)")
@@ -180,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(process)d: %(message)s"
     )
     metrics_dir = None
-    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if (settings.workers > 1 or settings.split) and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # One scrape must show every worker: prometheus-client's multiprocess mode.
         metrics_dir = tempfile.mkdtemp(prefix="archserve-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -201,8 +263,17 @@ def main(argv: list[str] | None = None) -> int:
         proxy_headers=False,
         access_log=settings.access_log,
     )
+    engine = None
+    engine_dir = None
+    if settings.split:
+        # One engine process holds the models; the workers are front-ends that reach it on this socket.
+        engine_dir = tempfile.mkdtemp(prefix="archserve-engine-")  # mode 0700: only this user can connect
+        os.environ["ARCHSERVE_ENGINE_SOCKET"] = os.path.join(engine_dir, "engine.sock")
+        engine = EngineProcess(os.environ["ARCHSERVE_ENGINE_SOCKET"])
     try:
-        if settings.workers == 1:
+        if engine is not None:
+            engine.start()
+        if settings.workers == 1 and engine is None:
             DrainingServer(uvicorn.Config("service.app:create_app", **options)).run()
         else:
             # Each worker loads before it takes requests (service.app), so a rolling restart (SIGHUP) must
@@ -210,13 +281,19 @@ def main(argv: list[str] | None = None) -> int:
             # for several workers, with our supervisor, which also says whether a worker failed to start.
             config = uvicorn.Config("service.app:create_app", workers=settings.workers,
                                     timeout_worker_healthcheck=settings.worker_start_timeout_s, **options)
-            supervisor = _supervisor_class()(config, sockets=[config.bind_socket()])
+            supervisor = _supervisor_class()(config, sockets=[config.bind_socket()], engine=engine)
             supervisor.run()
+            if engine is not None:
+                engine.stop(settings.graceful_shutdown_s + 5)  # after the front-ends: they drained through it
             if supervisor.startup_failed():
-                print("error: a worker could not start (a model that does not load, a bad file or setting: its "
-                      "log above says why); the server stopped", file=sys.stderr)
+                print("error: a worker or the engine could not start (a model that does not load, a bad file or "
+                      "setting: its log above says why); the server stopped", file=sys.stderr)
                 return 1
     finally:
+        if engine is not None:
+            engine.stop(5)
+        if engine_dir:
+            shutil.rmtree(engine_dir, ignore_errors=True)
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -25,6 +26,7 @@ from .models.served import plan_versions
 from .http import classify, experiments, health, model_repository, models
 from .http import v2
 from .settings import Settings
+from .split.client import EngineClient, RemoteLifecycle
 from .state import AppState
 from .store.factory import is_postgres_url, open_store
 from .store.lazy import LazyStore
@@ -39,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     listens. With several workers that must be a startup failure: uvicorn restarts a worker that exits
     otherwise, forever, but stops the server when one exits with STARTUP_FAILURE."""
     settings = settings or Settings()
-    if settings.workers == 1:
+    if settings.workers == 1 and not settings.split:
         return _build_app(settings)
     try:
         return _build_app(settings)
@@ -53,15 +55,33 @@ def _build_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state: AppState = app.state.archserve
-        lifecycle = Lifecycle(state)
+        client = None
+        if settings.split:
+            # A front-end: the engine process holds the models; this process decodes and hands images over.
+            client = EngineClient(state, settings)
+            lifecycle = RemoteLifecycle(client)
+        else:
+            lifecycle = Lifecycle(state)
         app.state.lifecycle = lifecycle
+        app.state.engine_client = client
 
         async def load_then_poll() -> None:
             await state.load()  # live at once, ready once loaded
             await lifecycle.run_polling()  # then pick up newly published versions
 
         freeze_startup_objects()
-        if settings.workers > 1:
+        if client is not None:
+            # As with a worker that loads its own models (below): take connections only once the engine is ready.
+            started = time.monotonic()
+            client.start()
+            try:
+                await client.wait_ready(settings.worker_start_timeout_s)
+            except BaseException:
+                await client.close()
+                raise
+            state.loaded_in_s = time.monotonic() - started
+            loading = asyncio.create_task(lifecycle.run_polling())
+        elif settings.workers > 1:
             # Worker processes share one listening socket, and a worker takes connections only once its
             # lifespan has started. Loading here, before that, means a request never lands on a worker that is
             # still loading while its siblings serve: every answer comes from a loaded worker. The price: nothing
@@ -84,6 +104,8 @@ def _build_app(settings: Settings) -> FastAPI:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await state.close()
+            if client is not None:
+                await client.close()
 
     app = FastAPI(
         title="archserve",
@@ -118,6 +140,7 @@ def _build_app(settings: Settings) -> FastAPI:
         decode_pool=ThreadPoolExecutor(settings.decode_thread_count(), thread_name_prefix=DECODE,
                                        initializer=name_os_thread),
     )
+    app.state.engine_client = None  # a front-end's EngineClient, set at startup with an engine process
     app.include_router(classify.router)
     app.include_router(experiments.router)
     app.include_router(models.router)

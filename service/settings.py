@@ -17,7 +17,35 @@ class Settings(BaseSettings):
     # Where and what to serve
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, description="HTTP worker processes, each with its own sessions.")
+    workers: int = Field(
+        1, ge=1,
+        description="HTTP front-end processes. With more than one, they share one engine process that holds the "
+        "models (engine_process).",
+    )
+    engine_process: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Run the models in one engine process that every front-end process feeds (images through "
+        "shared memory), instead of in each worker. auto = on when workers > 1; off = each worker loads every "
+        "model and batches only its own traffic (the design before the engine process).",
+    )
+    engine_slots: int = Field(
+        0, ge=0,
+        description="Images one front-end may have at the engine at once (its shared-memory slots); more answer "
+        "503. 0 = auto: max(max_batch_size, max_queue_size // workers), so one front-end cannot fill a queue.",
+    )
+    engine_slot_bytes: int = Field(
+        3 * 320 * 320, ge=1024,
+        description="Bytes of one shared-memory slot: one preprocessed image. A larger image travels inline on "
+        "the engine socket instead (a copy more).",
+    )
+    engine_socket: Path | None = Field(
+        None, description="Set by the supervisor: the engine process's Unix socket, for the front-ends."
+    )
+    null_engine: bool = Field(
+        False,
+        description="For measurement only: every batch answers at once with fixed logits, so a benchmark sees "
+        "what the server costs around the model.",
+    )
     worker_start_timeout_s: int = Field(
         600, ge=1,
         description="With workers > 1: how long a worker restarted by SIGHUP may take to load before the "
@@ -106,6 +134,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @property
+    def split(self) -> bool:
+        """Whether models run in a separate engine process that front-end processes feed."""
+        return self.engine_process == "on" or (self.engine_process == "auto" and self.workers > 1)
+
+    def engine_slot_count(self) -> int:
+        return self.engine_slots or max(self.max_batch_size, self.max_queue_size // self.workers)
 
     def decode_thread_count(self) -> int:
         return self.decode_threads or (os.cpu_count() or 1)

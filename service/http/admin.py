@@ -43,11 +43,13 @@ RESTART_HINT = (
 
 
 def require_single_worker(request: Request, action: str, instead: str = RESTART_HINT) -> None:
-    """An admin action changes the state of the worker process that receives it, and only that one: with
-    several workers, the others would go on serving the old state. Refused, saying what reaches them all."""
-    workers = request.app.state.archserve.settings.workers
-    if workers > 1:
+    """Without an engine process, an admin action changes the state of the worker process that receives it, and
+    only that one: with several workers, the others would go on serving the old state. Refused, saying what
+    reaches them all. With an engine process (the default for several workers) it is done once, for all."""
+    settings = request.app.state.archserve.settings
+    workers = settings.workers
+    if workers > 1 and not settings.split:
         raise SeveralWorkersError(
             f"{action} would reach only the one of this server's {workers} worker processes that took this "
-            f"request; {instead}. Or run one worker per container."
+            f"request; {instead}. Or run one worker per container, or set ARCHSERVE_ENGINE_PROCESS=auto."
         )

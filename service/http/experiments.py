@@ -76,6 +76,9 @@ async def reload_experiments(request: Request) -> dict:
         loaded = state.experiments.load(served_check_from_table(state.models))
     except ExperimentConfigError as exc:
         raise BadRequestError(f"the experiments file was not applied, the previous experiments stay: {exc}") from exc
+    client = request.app.state.engine_client
+    if client is not None:  # every other front-end re-reads the file too, through the engine
+        await client.admin("reload_experiments", timeout=30.0)
     return {"reloaded": True, "experiments": sorted(loaded)}
 
 
@@ -85,12 +88,16 @@ def install_reload_signal(app: FastAPI) -> None:
     if state.settings.experiments_file is None:
         return
 
-    def reload() -> None:
+    client = getattr(app.state, "engine_client", None)
+    if client is not None:
+        client.on_reload_experiments = lambda: reload("relayed by the engine")
+
+    def reload(why: str = "on SIGHUP") -> None:
         try:
             state.experiments.load(served_check_from_table(state.models))
-            log.info("experiments reloaded on SIGHUP: %s", ", ".join(sorted(state.experiments.current)))
+            log.info("experiments reloaded %s: %s", why, ", ".join(sorted(state.experiments.current)))
         except ExperimentConfigError as exc:
-            log.error("SIGHUP reload refused, previous experiments kept: %s", exc)
+            log.error("experiments reload %s refused, previous experiments kept: %s", why, exc)
 
     try:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -13,7 +15,7 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health/live", summary="The process is up")
 async def live() -> dict:
-    return {"status": "alive"}
+    return {"status": "alive", "pid": os.getpid()}  # which worker answered: for operators and the fault tests
 
 
 @router.get("/health/ready", summary="Every model is loaded and warmed up")

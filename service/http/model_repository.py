@@ -5,18 +5,19 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ..models.lifecycle import Lifecycle
+from ..split.client import RemoteLifecycle
 from .admin import RESTART_HINT, require_admin, require_single_worker
 
 router = APIRouter(tags=["model repository"])
 
 
-def _lifecycle(request: Request) -> Lifecycle:
+def _lifecycle(request: Request) -> Lifecycle | RemoteLifecycle:
     return request.app.state.lifecycle
 
 
 @router.post("/v2/repository/index", summary="Every model version in the repository and its state")
 async def index(request: Request) -> list[dict]:
-    return _lifecycle(request).index()
+    return await _lifecycle(request).repository_index()
 
 
 @router.post("/v2/repository/models/{model}/load", summary="Load (or reload) a model (admin token required)")

@@ -17,11 +17,24 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from modelrepo.layout import file_sha256
 from modelrepo.manifest import Manifest
 from ..threads import ONNXRUNTIME, name_os_thread, os_thread_name
+
+
+class _OnFirstUse:
+    """onnxruntime, imported when first used: front-end processes import this module but run no session, and
+    the library costs them ~20 MB each."""
+
+    def __getattr__(self, name: str):
+        import onnxruntime
+
+        globals()["ort"] = onnxruntime
+        return getattr(onnxruntime, name)
+
+
+ort = _OnFirstUse()
 
 log = logging.getLogger(__name__)
 
@@ -271,5 +284,16 @@ def batch_runner(engine: OnnxEngine, sizes: list[int] | None = None, alone: bool
         np.stack(items, out=batch[:count])
         batch[count:] = 0  # blank padding; the items are copied once, not over zeros
         return list(run(batch)[:count])
+
+    return run_batch
+
+
+def null_runner(num_classes: int):
+    """A ``run_batch`` that answers every item at once with the same logits (class 0 first): the null engine of
+    ``ARCHSERVE_NULL_ENGINE``, so a benchmark measures what the server costs around the model."""
+    logits = np.linspace(1.0, 0.0, num_classes, dtype=np.float32)
+
+    def run_batch(items: list[np.ndarray]) -> list[np.ndarray]:
+        return [logits] * len(items)
 
     return run_batch

@@ -195,6 +195,9 @@ class Lifecycle:
                 except Exception:
                     log.exception("repository poll failed")
 
+    async def repository_index(self) -> list[dict]:
+        return self.index()
+
     def index(self) -> list[dict]:
         """Every model version in the repository and whether it is served (Triton's repository index)."""
         repository = self.state.settings.models_dir

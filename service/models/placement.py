@@ -77,13 +77,13 @@ def cpu_cores(settings: Settings) -> int:
 def cpu_lanes(settings: Settings, provider: str, padded_sizes: list[int] | None) -> int:
     """How many batches of a model run at once on the CPU provider, each on ``cpu_cores // lanes`` threads (1:
     one at a time, on all of them). Explicit ``cpu_lanes`` wins; auto (0) is 2 where there are at least 2 cores,
-    unless ``instances`` is set or there are several worker processes (each would count all the cores as its
-    own). Never with padded batches (their sessions are per size)."""
+    unless ``instances`` is set or several worker processes each load the models (each would count all the cores
+    as its own; one engine process for all of them does not). Never with padded batches (sessions per size)."""
     if provider != CPU or padded_sizes:
         return 1
     if settings.cpu_lanes:
         return settings.cpu_lanes
-    if settings.instances or settings.workers > 1:
+    if settings.instances or (settings.workers > 1 and not settings.split):
         return 1
     return 2 if cpu_cores(settings) >= 2 else 1
 

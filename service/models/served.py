@@ -17,7 +17,7 @@ from ..images.preprocess import PreprocessSpec
 from ..metrics import Metrics, ModelMetrics, multiprocess_dir
 from ..settings import Settings
 from .batching import BatchStats, Batcher
-from .engine import CUDA, EngineConfig, ModelLoadError, OnnxEngine, batch_runner, verify_files
+from .engine import CUDA, EngineConfig, ModelLoadError, OnnxEngine, batch_runner, null_runner, verify_files
 from .placement import place
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,10 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         )
     placed = place(engine, settings, f"{name} v{version}")
     labels = (name, str(version))
+    null = settings.null_engine
     batcher = Batcher(
-        batch_runner(engine, placed.padded_sizes),
-        run_alone=batch_runner(engine, placed.padded_sizes, alone=True) if placed.lanes > 1 else None,
+        null_runner(manifest.output.num_classes) if null else batch_runner(engine, placed.padded_sizes),
+        run_alone=batch_runner(engine, placed.padded_sizes, alone=True) if placed.lanes > 1 and not null else None,
         max_batch_size=settings.max_batch_size,
         max_queue_size=settings.max_queue_size,
         instances=placed.instances,
@@ -172,7 +173,7 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         on_queue_depth=metrics.queue_depth.labels(*labels).set,
         on_expired=metrics.expired.labels(*labels).inc,
         # Every batch size, in each thread that will run batches (the batcher's start awaits it).
-        warmup=(lambda: engine.warmup(placed.warmup_sizes)) if settings.warmup else None,
+        warmup=(lambda: engine.warmup(placed.warmup_sizes)) if settings.warmup and not null else None,
     )
     return ServedModel(
         name=name, version=version, path=path, manifest=manifest, engine=engine, batcher=batcher,

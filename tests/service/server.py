@@ -1,19 +1,27 @@
-"""A real uvicorn server on a free loopback port, in a thread of the test process."""
+"""Real servers for the tests: a uvicorn server in a thread of the test process, or ``python -m service`` with
+its worker (and engine) processes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.models.memory import trim_heap
 from service.settings import Settings
+from tests.images import jpeg
 
 
 def cuda_runs(version_dir) -> bool:
@@ -108,3 +116,120 @@ def engine_held(served):
         gate.set()
         for method in ("run", "run_alone"):
             delattr(engine, method)  # the instance attribute goes; the class's method shows through again
+
+
+def counter(url: str, name: str, **labels) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=60).text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == str(v) for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+# For the servers below whose workers' warm-up plays no part (see running_server).
+COLD = {"ARCHSERVE_WARMUP": "false"}
+
+
+def start_service(repo, port: int, *extra: str, log=None, env=None) -> subprocess.Popen:
+    """``python -m service`` in its own process group (so its workers can be killed with it), logging to ``log``."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ARCHSERVE_", "PROMETHEUS_"))}, **(env or {})}
+    # Each worker warms every batch size up to the largest before it is ready: 32 would make each start seconds
+    # longer, and these tests start many workers. An explicit --max-batch-size comes later and wins.
+    env.setdefault("ARCHSERVE_MAX_BATCH_SIZE", "4")
+    return subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--models-dir", str(repo), "--log-level", "warning",
+         *extra],
+        env=env, stdout=open(log, "w") if log else subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+@contextlib.contextmanager
+def service_tree(repo, tmp_path, *extra: str, env=None):
+    """A server with several workers: (process, url, log path); stopped with SIGTERM, killed if it hangs."""
+    port, log = free_port(), tmp_path / "service.log"
+    proc = start_service(repo, port, *extra, log=log, env=env)
+    try:
+        yield proc, f"http://127.0.0.1:{port}", log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its workers too, whatever happened
+        proc.wait(timeout=10)
+
+
+def worker_pids(url: str) -> set[str]:
+    """The worker processes whose model info is in a scrape: one per loaded worker."""
+    for attempt in range(3):  # a worker being replaced can close a fresh connection unanswered
+        try:
+            text = httpx.get(f"{url}/metrics", timeout=30).text
+            break
+        except httpx.TransportError:
+            if attempt == 2:
+                raise
+    return {s.labels["pid"] for family in text_string_to_metric_families(text)
+            if family.name == "archserve_model_info" for s in family.samples}
+
+
+def wait_for_pids(url: str, count: int, timeout: float = 120) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while len(pids := worker_pids(url)) < count and time.monotonic() < deadline:  # one may still be loading
+        time.sleep(0.2)
+    return pids
+
+
+def live_pids(url: str, tries: int = 12) -> set[int]:
+    """The worker (front-end) pids that /health/live names over ``tries`` new connections."""
+    pids = set()
+    for _ in range(tries):
+        with contextlib.suppress(httpx.TransportError), httpx.Client() as client:
+            pids.add(client.get(f"{url}/health/live", timeout=10).json()["pid"])
+    return pids
+
+
+def front_end_pids(url: str, count: int, timeout: float = 60) -> set[int]:
+    """Every worker's pid, as /health/live says: new connections land on whichever worker accepts first."""
+    pids: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(pids) < count and time.monotonic() < deadline:
+        pids |= live_pids(url, 1)
+    assert len(pids) == count, pids
+    return pids
+
+
+def first_answer(url: str, path: str, timeout: float = 120) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url + path, timeout=timeout)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+async def traffic_until(url: str, done, timeout: float, clients: int = 4) -> tuple[list[int], int]:
+    """``clients`` clients classifying back to back until ``done()`` (checked between rounds): the status codes,
+    and how many connection resets were retried."""
+    data, codes, resets = jpeg(), [], 0
+
+    async def one(client: httpx.AsyncClient) -> int:
+        nonlocal resets
+        for _ in range(3):
+            try:
+                return (await client.post(f"{url}/classify/resnet18", content=data)).status_code
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError):
+                resets += 1
+        raise AssertionError("three connection resets in a row")
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=60) as client:
+        while time.monotonic() < deadline:
+            codes += await asyncio.gather(*(one(client) for _ in range(clients)))
+            if await asyncio.to_thread(done):
+                break
+    return codes, resets

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import os
 import threading
 
 import httpx
@@ -253,7 +254,7 @@ def test_models_endpoints_describe_what_is_served(url):
 
 
 def test_health_and_docs(url):
-    assert httpx.get(f"{url}/health/live").json() == {"status": "alive"}
+    assert httpx.get(f"{url}/health/live").json() == {"status": "alive", "pid": os.getpid()}
     ready = httpx.get(f"{url}/health/ready").json()
     assert ready["ready"] is True and ready["models"] == ["resnet18/1"]
     spec = httpx.get(f"{url}/openapi.json").json()

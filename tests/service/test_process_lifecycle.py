@@ -18,16 +18,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.images import jpeg
-from tests.service.server import cuda_runs, engine_held, free_port, running_server, until, wait_until
-
-
-def counter(url: str, name: str, **labels) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=60).text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == str(v) for k, v in labels.items()):
-                total += s.value
-    return total
+from tests.service.server import (
+    COLD, counter, cuda_runs, engine_held, first_answer, free_port, front_end_pids, live_pids, running_server,
+    service_tree, start_service, traffic_until, until, wait_for_pids, wait_until, worker_pids,
+)
 
 
 async def _burst(url: str, count: int, data: bytes, timeout: float = 120) -> list[httpx.Response]:
@@ -167,95 +161,6 @@ def test_a_client_that_leaves_during_its_upload_is_a_499_not_a_server_error(expo
         assert httpx.post(f"{url}/classify/resnet18", content=data, timeout=60).status_code == 200
 
 
-# For the servers below whose workers' warm-up plays no part (see running_server).
-COLD = {"ARCHSERVE_WARMUP": "false"}
-
-
-def _start_service(repo, port: int, *extra: str, log=None, env=None) -> subprocess.Popen:
-    """``python -m service`` in its own process group (so its workers can be killed with it), logging to ``log``."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ARCHSERVE_", "PROMETHEUS_"))}, **(env or {})}
-    # Each worker warms every batch size up to the largest before it is ready: 32 would make each start seconds
-    # longer, and these tests start many workers. An explicit --max-batch-size comes later and wins.
-    env.setdefault("ARCHSERVE_MAX_BATCH_SIZE", "4")
-    return subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port), "--models-dir", str(repo), "--log-level", "warning",
-         *extra],
-        env=env, stdout=open(log, "w") if log else subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-@contextlib.contextmanager
-def _service(repo, tmp_path, *extra: str, env=None):
-    """A server with several workers: (process, url, log path); stopped with SIGTERM, killed if it hangs."""
-    port, log = free_port(), tmp_path / "service.log"
-    proc = _start_service(repo, port, *extra, log=log, env=env)
-    try:
-        yield proc, f"http://127.0.0.1:{port}", log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # its workers too, whatever happened
-        proc.wait(timeout=10)
-
-
-def _worker_pids(url: str) -> set[str]:
-    """The worker processes whose model info is in a scrape: one per loaded worker."""
-    for attempt in range(3):  # a worker being replaced can close a fresh connection unanswered
-        try:
-            text = httpx.get(f"{url}/metrics", timeout=30).text
-            break
-        except httpx.TransportError:
-            if attempt == 2:
-                raise
-    return {s.labels["pid"] for family in text_string_to_metric_families(text)
-            if family.name == "archserve_model_info" for s in family.samples}
-
-
-def _wait_for_pids(url: str, count: int, timeout: float = 120) -> set[str]:
-    deadline = time.monotonic() + timeout
-    while len(pids := _worker_pids(url)) < count and time.monotonic() < deadline:  # one may still be loading
-        time.sleep(0.2)
-    return pids
-
-
-def _first_answer(url: str, path: str, timeout: float = 120) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return httpx.get(url + path, timeout=timeout)
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-async def _traffic_until(url: str, done, timeout: float, clients: int = 4) -> tuple[list[int], int]:
-    """``clients`` clients classifying back to back until ``done()`` (checked between rounds): the status codes,
-    and how many connection resets were retried."""
-    data, codes, resets = jpeg(), [], 0
-
-    async def one(client: httpx.AsyncClient) -> int:
-        nonlocal resets
-        for _ in range(3):
-            try:
-                return (await client.post(f"{url}/classify/resnet18", content=data)).status_code
-            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError):
-                resets += 1
-        raise AssertionError("three connection resets in a row")
-
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=60) as client:
-        while time.monotonic() < deadline:
-            codes += await asyncio.gather(*(one(client) for _ in range(clients)))
-            if await asyncio.to_thread(done):
-                break
-    return codes, resets
-
-
 @pytest.fixture()
 def own_repo(exported_repo, tmp_path):
     """A copy of the repository that a test may damage."""
@@ -265,10 +170,10 @@ def own_repo(exported_repo, tmp_path):
 
 
 def test_metrics_from_every_worker_process_are_in_one_scrape(exported_repo, tmp_path):
-    with _service(exported_repo, tmp_path, "--workers", "2") as (proc, url, _):
+    with service_tree(exported_repo, tmp_path, "--workers", "2") as (proc, url, _):
         # A worker takes connections only once it has loaded: the very first answer, and every one after it,
         # comes from a ready worker, never a 503 from one still loading beside a ready one.
-        first = _first_answer(url, "/health/ready")
+        first = first_answer(url, "/health/ready")
         later = [httpx.get(f"{url}/health/ready").status_code for _ in range(30)]
         assert first.status_code == 200 and later == [200] * 30, (first.text, later)
         responses = asyncio.run(_burst(url, 20, jpeg()))
@@ -276,19 +181,22 @@ def test_metrics_from_every_worker_process_are_in_one_scrape(exported_repo, tmp_
         for _ in range(6):  # whichever worker answers the scrape, it reports all of them
             assert counter(url, "archserve_requests_total", model="resnet18", code=200) == 20
             assert counter(url, "archserve_images_total", model="resnet18") == 20
-        assert len(_wait_for_pids(url, 2)) == 2, "model info should come from both worker processes"
+        assert len(front_end_pids(url, 2)) == 2
+        assert len(wait_for_pids(url, 1)) == 1, "model info comes from the one engine process"
 
 
 def test_sighup_restarts_workers_one_at_a_time_without_a_failed_request(exported_repo, tmp_path):
-    """SIGHUP to the main process replaces every worker, each new one loading before it takes requests; requests
-    sent all along succeed, and the scrape forgets the old workers' model info (their processes are gone)."""
-    with _service(exported_repo, tmp_path, "--workers", "2") as (proc, url, _):
-        assert _first_answer(url, "/health/ready").status_code == 200
-        assert len(old := _wait_for_pids(url, 2)) == 2
+    """SIGHUP to the main process replaces every front-end, each new one ready before it takes requests, while
+    the engine serves on; requests sent all along succeed."""
+    with service_tree(exported_repo, tmp_path, "--workers", "2") as (proc, url, _):
+        assert first_answer(url, "/health/ready").status_code == 200
+        old = front_end_pids(url, 2)
+        engine = wait_for_pids(url, 1)
         proc.send_signal(signal.SIGHUP)
-        codes, resets = asyncio.run(_traffic_until(url, lambda: not _worker_pids(url) & old, timeout=180))
-        new = _worker_pids(url)
-        assert len(new) == 2 and not new & old, (old, new)
+        codes, resets = asyncio.run(traffic_until(url, lambda: not live_pids(url) & old, timeout=180))
+        new = front_end_pids(url, 2)
+        assert not new & old, (old, new)
+        assert worker_pids(url) == engine  # the engine and its models stay
         # Sent while the workers were being replaced: every answer was a 200. A connection that an old worker
         # accepted just as it stopped can be closed unanswered (uvicorn closes connections that have not yet
         # sent a request); the client retries those, as it should any connection reset.
@@ -299,8 +207,8 @@ def test_sighup_restarts_workers_one_at_a_time_without_a_failed_request(exported
 
 
 def test_a_retired_version_stays_at_0_in_model_info_with_several_workers(own_repo, tmp_path):
-    """prometheus-client cannot remove a series in multiprocess mode: after a hot reload, each worker's old
-    version must read 0 (not 1 beside the new one), and the new version 1."""
+    """prometheus-client cannot remove a series in multiprocess mode: after a hot reload, the old version must
+    read 0 (not 1 beside the new one) in the process that holds the models (the engine), and the new one 1."""
     from tests.service.test_model_lifecycle import publish
 
     def info(url) -> dict[tuple[str, str], float]:
@@ -308,10 +216,10 @@ def test_a_retired_version_stays_at_0_in_model_info_with_several_workers(own_rep
                 for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
                 if family.name == "archserve_model_info" for s in family.samples}
 
-    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu",
+    with service_tree(own_repo, tmp_path, "--workers", "2", "--device", "cpu",
                   env={"ARCHSERVE_POLL_INTERVAL_S": "0.3", **COLD}) as (proc, url, log):
-        assert _first_answer(url, "/health/ready").status_code == 200
-        pids = _wait_for_pids(url, 2)
+        assert first_answer(url, "/health/ready").status_code == 200
+        pids = wait_for_pids(url, 1)
         assert info(url) == {("1", pid): 1.0 for pid in pids}
         publish(own_repo, 2)
         wanted = {**{("1", pid): 0.0 for pid in pids}, **{("2", pid): 1.0 for pid in pids}}
@@ -328,7 +236,7 @@ def _truncate_model(repo) -> None:
 
 def test_a_worker_that_cannot_load_stops_the_server_with_exit_1(own_repo, tmp_path):
     _truncate_model(own_repo)
-    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu") as (proc, _, log):
+    with service_tree(own_repo, tmp_path, "--workers", "2", "--device", "cpu") as (proc, _, log):
         assert proc.wait(timeout=120) == 1
         output = log.read_text()
         assert "could not load its models" in output and "resnet18" in output, output[-3000:]
@@ -339,7 +247,7 @@ def test_a_bad_experiments_file_stops_a_server_with_several_workers_with_exit_1(
     experiments = tmp_path / "experiments.yaml"
     experiments.write_text("experiments:\n  - name: resnet18\n    variants: []\n")
     env = {"ARCHSERVE_EXPERIMENTS_FILE": str(experiments), "ARCHSERVE_STORE_PATH": str(tmp_path / "store.sqlite3")}
-    with _service(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", env=env) as (proc, _, log):
+    with service_tree(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", env=env) as (proc, _, log):
         assert proc.wait(timeout=120) == 1, log.read_text()[-3000:]
         output = log.read_text()
         assert "could not start" in output and "experiments" in output, output[-3000:]
@@ -347,11 +255,12 @@ def test_a_bad_experiments_file_stops_a_server_with_several_workers_with_exit_1(
 
 def test_a_dead_workers_replacement_that_cannot_load_leaves_the_others_serving(own_repo, tmp_path):
     """Once the server has served, a worker that cannot start (here: the model broke on disk after the start, and
-    a worker died) must not take the healthy workers down with it; it is started again, with a growing delay."""
-    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info",
-                  env=COLD) as (proc, url, log):
-        assert _first_answer(url, "/health/ready").status_code == 200
-        pids = _wait_for_pids(url, 2)
+    a worker died) must not take the healthy workers down with it; it is started again, with a growing delay.
+    (Each worker loads the models only without an engine process.)"""
+    with service_tree(own_repo, tmp_path, "--workers", "2", "--engine-process", "off", "--device", "cpu",
+                      "--log-level", "info", env=COLD) as (proc, url, log):
+        assert first_answer(url, "/health/ready").status_code == 200
+        pids = wait_for_pids(url, 2)
         assert len(pids) == 2
         deadline = time.monotonic() + 60  # the supervisor sees both ready (it checks every 0.5 s)
         while "All 2 workers are ready" not in log.read_text() and time.monotonic() < deadline:
@@ -369,21 +278,22 @@ def test_a_dead_workers_replacement_that_cannot_load_leaves_the_others_serving(o
         assert proc.poll() is None
         assert [httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code
                 for _ in range(5)] == [200] * 5
-        assert _worker_pids(url) == {survivor}
+        assert worker_pids(url) == {survivor}
 
 
 def test_sighup_keeps_the_old_workers_when_a_new_one_cannot_load(own_repo, tmp_path):
-    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info",
-                  env=COLD) as (proc, url, log):
-        assert _first_answer(url, "/health/ready").status_code == 200
-        assert len(old := _wait_for_pids(url, 2)) == 2
+    """Without an engine process each worker loads the models: a new one that cannot ends the restart."""
+    with service_tree(own_repo, tmp_path, "--workers", "2", "--engine-process", "off", "--device", "cpu",
+                      "--log-level", "info", env=COLD) as (proc, url, log):
+        assert first_answer(url, "/health/ready").status_code == 200
+        assert len(old := wait_for_pids(url, 2)) == 2
         _truncate_model(own_repo)  # the running workers hold their sessions; a new one would fail to load
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 120
         while "aborting the restart" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "aborting the restart" in log.read_text(), log.read_text()[-3000:]
-        assert proc.poll() is None and _worker_pids(url) == old
+        assert proc.poll() is None and worker_pids(url) == old
         assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
 
 
@@ -395,10 +305,10 @@ def test_sigterm_ends_a_rolling_restart_at_once(own_repo, tmp_path):
     experiments.write_text("experiments: []\n")
     env = {"ARCHSERVE_EXPERIMENTS_FILE": str(experiments), "ARCHSERVE_STORE_PATH": str(tmp_path / "store.sqlite3"),
            **COLD}
-    with _service(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info",
+    with service_tree(own_repo, tmp_path, "--workers", "2", "--device", "cpu", "--log-level", "info",
                   env=env) as (proc, url, log):
-        assert _first_answer(url, "/health/ready").status_code == 200
-        assert len(_wait_for_pids(url, 2)) == 2
+        assert first_answer(url, "/health/ready").status_code == 200
+        front_end_pids(url, 2)
         experiments.unlink()
         os.mkfifo(experiments)
         proc.send_signal(signal.SIGHUP)
@@ -415,7 +325,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(exported_repo):
     port = free_port()
     # A long queue delay holds the 10 requests in the queue (a batch of 16 is never full), so all of them are
     # still in flight when SIGTERM comes, however slowly this machine sends them.
-    proc = _start_service(exported_repo, port, "--max-batch-size", "16", "--max-queue-delay-ms", "5000", env=COLD)
+    proc = start_service(exported_repo, port, "--max-batch-size", "16", "--max-queue-delay-ms", "5000", env=COLD)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(url, "/health/ready", timeout=120)

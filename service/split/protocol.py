@@ -1,0 +1,109 @@
+"""The engine socket: frames, messages, errors across the process boundary, and the shared-memory arena.
+
+A frame is a 4-byte little-endian length and a pickled tuple whose first item names the message. Pixels never
+travel in a frame: a front-end writes each preprocessed image into one slot of its arena (a ``memfd`` it
+passes to the engine once, when it connects) and the frame names the slot. Logits come back as the bytes of
+one float array. Pickle is safe here: both ends are processes of one server, on a socket in a folder only its
+user can open.
+
+Front-end -> engine: ``(INFER, id, name, version, items, deadline, low)`` with ``items`` a tuple of
+``(slot, shape, dtype)``, or ``(-1, shape, dtype, data)`` for an image larger than a slot; ``(CANCEL, id)``;
+``(ADMIN, id, op, arg)``.
+Engine -> front-end: ``(TABLE, ready, status, reason, models)``, ``(OK, id, data, shape, dtype)``,
+``(ERROR, id, class name, message, headers)``, ``(ADMIN_OK, id, result)``, ``(RELOAD_EXPERIMENTS,)``.
+A request's slots are the front-end's again only once its OK or ERROR has arrived, whatever happened to it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import struct
+
+import numpy as np
+
+from ..errors import ServiceError
+
+HEADER = struct.Struct("<I")
+MAX_FRAME = 256 * 1024 * 1024  # an inline image of the largest allowed size, with room
+
+INFER, CANCEL, ADMIN = "infer", "cancel", "admin"
+TABLE, OK, ERROR, ADMIN_OK, RELOAD_EXPERIMENTS = "table", "ok", "error", "admin_ok", "reload_experiments"
+
+
+def frame(message: tuple) -> bytes:
+    body = pickle.dumps(message, protocol=5)
+    return HEADER.pack(len(body)) + body
+
+
+async def read_message(reader) -> tuple:
+    """The next message; ``asyncio.IncompleteReadError`` when the other end has gone."""
+    (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    if size > MAX_FRAME:
+        raise ConnectionError(f"a frame of {size} bytes: the other end does not speak this protocol")
+    return pickle.loads(await reader.readexactly(size))
+
+
+def error_message(request_id: int, exc: ServiceError) -> tuple:
+    return (ERROR, request_id, type(exc).__name__, exc.message, dict(exc.headers))
+
+
+def rebuild_error(name: str, message: str, headers: dict) -> ServiceError:
+    """The engine's error as the front-end raises it: same class, so the same status, code and headers."""
+    cls = _error_classes().get(name, ServiceError)
+    exc = cls.__new__(cls)
+    ServiceError.__init__(exc, message, headers)
+    return exc
+
+
+def _error_classes() -> dict[str, type[ServiceError]]:
+    classes, todo = {}, [ServiceError]
+    while todo:
+        cls = todo.pop()
+        classes[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return classes
+
+
+class Arena:
+    """``count`` slots of ``slot_bytes`` in one shared ``memfd``: created by a front-end, mapped by the engine."""
+
+    def __init__(self, fd: int, slot_bytes: int, count: int) -> None:
+        self.fd, self.slot_bytes, self.count = fd, slot_bytes, count
+        self.map = mmap.mmap(fd, slot_bytes * count)
+        self.buffer = np.frombuffer(self.map, dtype=np.uint8)
+
+    @classmethod
+    def create(cls, slot_bytes: int, count: int) -> "Arena":
+        fd = os.memfd_create("archserve-arena", os.MFD_CLOEXEC)  # anonymous: nothing to clean up if we die
+        os.ftruncate(fd, slot_bytes * count)
+        return cls(fd, slot_bytes, count)
+
+    def fits(self, array: np.ndarray) -> bool:
+        return array.nbytes <= self.slot_bytes
+
+    def write(self, slot: int, array: np.ndarray) -> tuple:
+        start = slot * self.slot_bytes
+        target = self.buffer[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+        np.copyto(target, array)
+        return (slot, array.shape, array.dtype.str)
+
+    def view(self, slot: int, shape: tuple, dtype: str) -> np.ndarray:
+        """The image in ``slot``, without a copy: the batch that stacks it is its one copy."""
+        if not 0 <= slot < self.count:
+            raise ValueError(f"slot {slot} is outside the arena's {self.count}")
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape)) * dtype.itemsize
+        if size > self.slot_bytes:
+            raise ValueError(f"an image of {size} bytes does not fit a slot of {self.slot_bytes}")
+        start = slot * self.slot_bytes
+        return self.buffer[start:start + size].view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self.buffer = None
+        try:
+            self.map.close()
+        except BufferError:  # a view still in a running batch: the mapping goes with it
+            pass
+        os.close(self.fd)

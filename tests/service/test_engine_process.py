@@ -1,0 +1,317 @@
+"""Front-end processes and one engine process (``--workers N``): the handoff, admin, metrics and every fault,
+each by killing a real process under load."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.split import protocol as p
+from service.split.server import HELLO
+from tests.images import jpeg
+from tests.service.test_v2 import binary_request, split_binary_response
+from tests.service.server import (
+    COLD, counter, first_answer, front_end_pids, live_pids, running_server, service_tree, traffic_until, until,
+)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _maps_onnxruntime(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "onnxruntime" in f.read()
+
+
+def _engine_pid(proc: subprocess.Popen, front_ends: set[int]) -> int:
+    """The supervisor's child that maps onnxruntime: the engine (the front-ends must not)."""
+    engines = [pid for pid in _children(proc.pid) if pid not in front_ends and _maps_onnxruntime(pid)]
+    assert len(engines) == 1, engines
+    return engines[0]
+
+
+def _top(response: httpx.Response) -> list[tuple[int, float]]:
+    return [(p_["index"], round(p_["score"], 5)) for p_ in response.json()["results"][0]["predictions"]]
+
+
+def test_front_ends_hold_no_model_and_answer_as_one_worker_does(exported_repo, tmp_path):
+    """Two front-ends and an engine answer every image as the in-process server does, through slots and inline
+    (an image larger than a slot); the front-ends never load onnxruntime; batch metrics (engine) and request
+    metrics (front-ends) are in one scrape."""
+    images = [jpeg(seed=s) for s in range(3)]
+    session = ort.InferenceSession(str(exported_repo / "resnet18" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    with running_server(warmup=False, models_dir=exported_repo, device="cpu") as (url, _):
+        expected = [_top(httpx.post(f"{url}/classify/resnet18", content=data, timeout=60)) for data in images]
+    for slot_bytes in ("1000000", "4096"):  # the second is smaller than one 224x224x3 image: all inline
+        env = {**COLD, "ARCHSERVE_ENGINE_SLOT_BYTES": slot_bytes}
+        with service_tree(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", env=env) as (proc, url, _):
+            assert first_answer(url, "/health/ready").status_code == 200
+            front_ends = front_end_pids(url, 2)
+            assert not any(_maps_onnxruntime(pid) for pid in front_ends)
+            _engine_pid(proc, front_ends)
+            with httpx.Client(timeout=60) as client:
+                for _ in range(2):  # both front-ends, most likely: new connections alternate between them
+                    got = [_top(client.post(f"{url}/classify/resnet18", content=data)) for data in images]
+                    assert got == expected
+            # v2 binary: three uint8 images in one request, each in its own slot, exactly the model's logits
+            array = np.random.default_rng(3).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+            content, headers = binary_request(
+                {"parameters": {"binary_data_output": True},
+                 "inputs": [{"name": "image", "datatype": "UINT8", "shape": [3, 224, 224, 3],
+                             "parameters": {"binary_data_size": array.nbytes}}]}, array.tobytes())
+            response = httpx.post(f"{url}/v2/models/resnet18/infer", content=content, headers=headers, timeout=60)
+            assert response.status_code == 200, response.text
+            got = np.frombuffer(split_binary_response(response)[1], "<f4").reshape(3, 1000)
+            np.testing.assert_allclose(got, session.run(None, {"image": array})[0], atol=1e-4, rtol=0)
+            assert counter(url, "archserve_requests_total", model="resnet18", code=200) == 7
+            assert counter(url, "archserve_batch_size_count", model="resnet18") >= 1  # counted by the engine
+            assert counter(url, "archserve_model_info", model="resnet18") == 1  # the engine's one copy
+
+
+def test_admin_load_and_unload_apply_once_for_every_front_end(exported_repo, tmp_path):
+    env = {**COLD, "ARCHSERVE_ADMIN_TOKEN": "secret"}
+    auth = {"Authorization": "Bearer secret"}
+    with service_tree(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", env=env) as (_, url, _):
+        assert first_answer(url, "/health/ready").status_code == 200
+        unload = httpx.post(f"{url}/v2/repository/models/resnet18/unload", headers=auth, timeout=60)
+        assert unload.status_code == 200, unload.text
+        codes = {httpx.Client().post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code
+                 for _ in range(8)}
+        assert codes == {404}  # on every front-end: the engine pushed the new table before answering
+        index = httpx.post(f"{url}/v2/repository/index", timeout=60).json()
+        assert index[0]["state"] == "UNAVAILABLE"
+        load = httpx.post(f"{url}/v2/repository/models/resnet18/load", headers=auth, timeout=120)
+        assert load.status_code == 200 and load.json()["versions"] == ["1"], load.text
+        codes = {httpx.Client().post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code
+                 for _ in range(8)}
+        assert codes == {200}
+
+
+def test_a_dead_engine_fails_requests_with_503_at_once_and_comes_back(exported_repo, tmp_path):
+    """SIGKILL the engine under load: the requests it held answer 503 (never a hang), readiness says why, the
+    supervisor starts another engine and the front-ends reconnect by themselves."""
+    with service_tree(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", env=COLD) as (proc, url, _):
+        assert first_answer(url, "/health/ready").status_code == 200
+        engine = _engine_pid(proc, front_ends := front_end_pids(url, 2))
+        killed = {}
+
+        def kill_once() -> bool:
+            if not killed:
+                os.kill(engine, signal.SIGKILL)
+                killed["at"] = time.monotonic()
+            return False
+
+        async def scenario():
+            load = asyncio.create_task(traffic_until(url, lambda: False, timeout=6, clients=6))
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(kill_once)
+            return await load
+
+        codes, _ = asyncio.run(scenario())
+        assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, sorted(set(codes))
+        # Back: a new engine, the same front-ends.
+        until(lambda: httpx.get(f"{url}/health/ready", timeout=10).status_code == 200,
+              lambda: httpx.get(f"{url}/health/ready").text, timeout=120, interval=0.2)
+        assert _engine_pid(proc, front_ends) != engine
+        assert front_end_pids(url, 2) == front_ends
+        assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
+
+
+def test_a_stuck_engine_answers_504_by_the_deadline_and_readiness_says_why_when_it_dies(exported_repo, tmp_path):
+    env = {**COLD, "ARCHSERVE_REQUEST_TIMEOUT_S": "2"}
+    with service_tree(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", env=env) as (proc, url, _):
+        assert first_answer(url, "/health/ready").status_code == 200
+        engine = _engine_pid(proc, front_end_pids(url, 2))
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            response = httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=30)
+            took = time.monotonic() - started
+            assert response.status_code == 504 and took < 2 + 2, (response.status_code, took)
+        finally:
+            os.kill(engine, signal.SIGKILL)
+            os.kill(engine, signal.SIGCONT)
+        ready = httpx.get(f"{url}/health/ready", timeout=10)
+        assert ready.status_code == 503 and "engine process" in ready.json()["reason"], ready.text
+        until(lambda: httpx.get(f"{url}/health/ready", timeout=10).status_code == 200,
+              lambda: httpx.get(f"{url}/health/ready").text, timeout=120, interval=0.2)
+
+
+def test_a_dead_front_end_takes_no_one_elses_requests(exported_repo, tmp_path):
+    """SIGKILL one front-end under load: every request that reached a living front-end answers 200 (those in
+    the dead one's connections are reset), and the supervisor replaces it."""
+    with service_tree(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", env=COLD) as (proc, url, _):
+        assert first_answer(url, "/health/ready").status_code == 200
+        victim, survivor = sorted(front_end_pids(url, 2))
+
+        async def scenario():
+            load = asyncio.create_task(traffic_until(url, lambda: False, timeout=6, clients=6))
+            await asyncio.sleep(1.5)
+            os.kill(victim, signal.SIGKILL)
+            return await load
+
+        codes, resets = asyncio.run(scenario())
+        assert set(codes) == {200}, sorted(set(codes))
+        assert len(codes) > 10
+        until(lambda: len(live_pids(url) - {victim}) == 2, lambda: "no new front-end", timeout=60, interval=0.5)
+        assert survivor in live_pids(url)
+
+
+def _raw_front_end(path: str, slots: int, slot_bytes: int = 3 * 224 * 224):
+    """A front-end as the engine sees one: a socket and an arena, speaking the protocol by hand."""
+    arena = p.Arena.create(slot_bytes, slots)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    socket.send_fds(sock, [b"%s %d %d %d" % (HELLO, os.getpid(), slot_bytes, slots)], [arena.fd])
+    return sock, arena
+
+
+def _receive(sock: socket.socket) -> tuple:
+    import pickle
+
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "the engine closed the connection"
+            data += chunk
+        return data
+
+    (size,) = p.HEADER.unpack(exactly(p.HEADER.size))
+    return pickle.loads(exactly(size))
+
+
+def _until_ready_table(sock: socket.socket) -> tuple:
+    while True:
+        message = _receive(sock)
+        if message[0] == p.TABLE and message[1]:
+            return message
+
+
+@pytest.fixture()
+def engine_alone(exported_repo, tmp_path):
+    """The engine process on its own (as the supervisor starts it), with a null engine: its socket path."""
+    path = str(tmp_path / "engine.sock")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCHSERVE_", "PROMETHEUS_"))}
+    env.update(ARCHSERVE_MODELS_DIR=str(exported_repo), ARCHSERVE_NULL_ENGINE="true", ARCHSERVE_DEVICE="cpu",
+               ARCHSERVE_POLL_INTERVAL_S="0", ARCHSERVE_LOG_LEVEL="warning")
+    proc = subprocess.Popen([sys.executable, "-c", f"from service.split import server; server.run({path!r})"],
+                            env=env)
+    try:
+        until(lambda: os.path.exists(path), lambda: "the engine never listened", timeout=60)
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_engine_bounds_what_each_front_end_has_outstanding(engine_alone):
+    """A front-end that asks for more images than its slots is refused (503), and one that stops reading its
+    answers holds only its own slots: another front-end is served all along."""
+    stuck, stuck_arena = _raw_front_end(engine_alone, slots=2)
+    table = _until_ready_table(stuck)
+    name, version = table[4][0][:2]
+    image = np.full((224, 224, 3), 7, np.uint8)
+    items = tuple(stuck_arena.write(slot, image) for slot in range(2))
+    too_many = items + ((-1, image.shape, image.dtype.str, image.tobytes()),)
+    stuck.sendall(p.frame((p.INFER, 1, name, version, too_many, time.monotonic() + 30, False)))
+    refused = _receive(stuck)
+    while refused[0] == p.TABLE:
+        refused = _receive(stuck)
+    assert refused[:3] == (p.ERROR, 1, "QueueFullError") and "ARCHSERVE_ENGINE_SLOTS" in refused[3], refused
+    for request_id in range(2, 200):  # then it sends and never reads again
+        stuck.sendall(p.frame((p.INFER, request_id, name, version, items, time.monotonic() + 30, False)))
+
+    other, other_arena = _raw_front_end(engine_alone, slots=4)
+    _until_ready_table(other)
+    for request_id in range(1, 20):
+        item = other_arena.write(request_id % 4, image)
+        other.sendall(p.frame((p.INFER, request_id, name, version, (item,), time.monotonic() + 30, False)))
+        answer = _receive(other)
+        assert answer[:2] == (p.OK, request_id), answer[:4]
+        logits = np.frombuffer(answer[2], answer[4]).reshape(answer[3])
+        assert logits.shape == (1, 1000) and logits[0].argmax() == 0  # the null engine's fixed logits
+    stuck.close()
+    other.close()
+
+
+def test_sigterm_drains_the_whole_tree_without_losing_a_request(exported_repo, tmp_path):
+    """SIGTERM while requests are in flight: each one sent before it is answered 200, then every process exits
+    and the server exits 0."""
+    # A long queue delay holds the requests in the engine's queue (a batch of 16 is never full), so all of them
+    # are in flight when SIGTERM comes, however slowly this machine sends them.
+    with service_tree(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", "--max-batch-size", "16",
+                      "--max-queue-delay-ms", "5000", env=COLD) as (proc, url, _):
+        assert first_answer(url, "/health/ready").status_code == 200
+        children = _children(proc.pid)
+
+        async def scenario():
+            async with httpx.AsyncClient(timeout=60) as client:
+                sent = [asyncio.create_task(client.post(f"{url}/classify/resnet18", content=jpeg()))
+                        for _ in range(10)]
+                await asyncio.sleep(2.0)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*sent, return_exceptions=True)
+
+        answers = asyncio.run(scenario())
+        assert proc.wait(timeout=60) == 0
+        assert [getattr(a, "status_code", a) for a in answers] == [200] * 10
+        assert not [pid for pid in children if os.path.exists(f"/proc/{pid}") and _state(pid) != "Z"]
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+EXPERIMENT = """
+experiments:
+  - name: ab
+    variants:
+      - {name: a, model: resnet18, weight: 1}
+      - {name: b, model: resnet18, weight: 1}
+    shadows:
+      - {name: s, model: resnet18}
+"""
+
+
+def test_experiments_with_shadows_and_their_reload_reach_every_front_end(exported_repo, tmp_path):
+    """An experiment's shadows run in the engine's low-priority lane from any front-end, and POST
+    /experiments/reload to one front-end re-reads the file in all of them (200, not 409)."""
+    experiments = tmp_path / "experiments.yaml"
+    experiments.write_text(EXPERIMENT)
+    env = {**COLD, "ARCHSERVE_EXPERIMENTS_FILE": str(experiments), "ARCHSERVE_ADMIN_TOKEN": "secret",
+           "ARCHSERVE_STORE_PATH": str(tmp_path / "store.sqlite3")}
+    with service_tree(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", env=env) as (_, url, log):
+        assert first_answer(url, "/health/ready").status_code == 200
+        for _ in range(6):
+            with httpx.Client(timeout=60) as client:
+                assert client.post(f"{url}/classify/ab", content=jpeg()).status_code == 200
+        until(lambda: counter(url, "archserve_shadow_images_total", experiment="ab", outcome="done") == 6,
+              lambda: httpx.get(f"{url}/metrics").text[-3000:], timeout=60, interval=0.2)
+
+        experiments.write_text(EXPERIMENT + EXPERIMENT.replace("experiments:\n", "").replace("name: ab", "name: cd"))
+        reload = httpx.post(f"{url}/experiments/reload", headers={"Authorization": "Bearer secret"}, timeout=60)
+        assert reload.status_code == 200 and reload.json()["experiments"] == ["ab", "cd"], reload.text
+
+        def everywhere() -> bool:
+            seen = {}
+            for _ in range(10):
+                with httpx.Client(timeout=30) as client:
+                    seen[client.get(f"{url}/health/live").json()["pid"]] = client.get(f"{url}/experiments/cd")
+            return len(seen) == 2 and all(r.status_code == 200 for r in seen.values())
+
+        until(everywhere, lambda: log.read_text()[-3000:], timeout=20, interval=0.2)
