@@ -80,7 +80,8 @@ class Settings(BaseSettings):
         "core. onnxruntime splits each "
         "operator across its threads and waits for the slowest, so one session on all cores loses about as much "
         "CPU as decoding takes from it; batches side by side do not (docs/benchmarks.md). 0 = auto: 2 where "
-        "there are at least 2 cores, unless instances is set or workers > 1; 1 = off.",
+        "there are at least 2 cores, unless instances is set or several workers each load the models "
+        "(engine_process off); 1 = off.",
     )
     pad_batches: Literal["auto", "always", "never"] = Field(
         "auto",

@@ -14,7 +14,6 @@ reads a slot that is being rewritten.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import socket
@@ -32,7 +31,6 @@ from ..metrics import ModelMetrics
 from ..models.served import ModelTable
 from ..settings import Settings
 from . import protocol as p
-from .server import HELLO
 
 log = logging.getLogger("archserve.frontend")
 _GRACE_S = 0.5  # past its deadline, a request waits this long for the engine's own 504 before failing here
@@ -85,9 +83,14 @@ class EngineClient:
     def __init__(self, state, settings: Settings) -> None:
         self.state = state
         self.settings = settings
+        if settings.engine_socket is None:
+            raise RuntimeError("this front-end has no engine process to feed: `python -m service` starts one and sets "
+                               "ARCHSERVE_ENGINE_SOCKET; or set ARCHSERVE_ENGINE_PROCESS=off")
         self.path = str(settings.engine_socket)
         self.arena = p.Arena.create(settings.engine_slot_bytes, settings.engine_slot_count())
-        self._free = collections.deque(range(self.arena.count))
+        # A stack: the slots in use are the most recently used, so only as many pages as images in flight at
+        # the busiest moment are ever touched (in this process and, mapped, in the engine).
+        self._free = list(range(self.arena.count - 1, -1, -1))
         self._pending: dict[int, _Pending] = {}
         self._ids = 0
         self._writer: asyncio.StreamWriter | None = None
@@ -150,7 +153,7 @@ class EngineClient:
         try:
             sock.setblocking(False)
             await loop.sock_connect(sock, self.path)
-            hello = b"%s %d %d %d" % (HELLO, os.getpid(), self.arena.slot_bytes, self.arena.count)
+            hello = b"%s %d %d %d" % (p.HELLO, os.getpid(), self.arena.slot_bytes, self.arena.count)
             socket.send_fds(sock, [hello], [self.arena.fd])  # the arena, once per connection
             reader, writer = await asyncio.open_unix_connection(sock=sock, limit=p.MAX_FRAME)
         except BaseException:
@@ -258,7 +261,7 @@ class EngineClient:
         slots, items = [], []
         for array in arrays:
             if arena.fits(array):
-                slot = self._free.popleft()
+                slot = self._free.pop()
                 slots.append(slot)
                 items.append(arena.write(slot, array))
             else:  # larger than a slot: inline on the socket (one copy more)

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import ServiceError
 
+HELLO = b"archserve-engine-1"  # then the front-end's pid, slot bytes and slot count; the arena's fd beside it
 HEADER = struct.Struct("<I")
 MAX_FRAME = 256 * 1024 * 1024  # an inline image of the largest allowed size, with room
 

@@ -33,7 +33,6 @@ from ..state import AppState
 from . import protocol as p
 
 log = logging.getLogger("archserve.engine")
-HELLO = b"archserve-engine-1"
 
 
 @dataclass(eq=False)
@@ -178,7 +177,7 @@ class EngineServer:
         sock.settimeout(10)
         data, fds, _, _ = socket.recv_fds(sock, 256, 1)
         sock.settimeout(None)
-        if len(fds) != 1 or not data.startswith(HELLO):
+        if len(fds) != 1 or not data.startswith(p.HELLO):
             for fd in fds:
                 os.close(fd)
             raise ValueError("no arena in the hello")

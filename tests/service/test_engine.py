@@ -278,7 +278,7 @@ def test_on_the_cpu_a_lone_request_runs_on_every_core_and_batches_run_side_by_si
     np.testing.assert_allclose(one, three[0], rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_lanes_default_to_two_on_a_multi_core_cpu_unless_instances_are_set(version_dir):
+def test_cpu_lanes_default_to_two_on_a_multi_core_cpu_unless_instances_are_set_or_workers_load_their_own(version_dir):
     from service.models.placement import available_cores, cpu_lanes
 
     base = Settings(models_dir=version_dir.parent.parent)
@@ -288,7 +288,9 @@ def test_cpu_lanes_default_to_two_on_a_multi_core_cpu_unless_instances_are_set(v
     assert cpu_lanes(base.model_copy(update={"intra_op_threads": 4}), CPU, None) == 2  # 4 cores: 2 x 2 threads
     assert cpu_lanes(base.model_copy(update={"intra_op_threads": 1}), CPU, None) == 1
     assert cpu_lanes(base.model_copy(update={"cpu_lanes": 1}), CPU, None) == 1
-    assert cpu_lanes(base.model_copy(update={"workers": 2}), CPU, None) == 1  # each would count every core
+    # Workers that each load the models would each count every core; one engine process for all does not.
+    assert cpu_lanes(base.model_copy(update={"workers": 2, "engine_process": "off"}), CPU, None) == 1
+    assert cpu_lanes(base.model_copy(update={"workers": 2}), CPU, None) == auto
     assert cpu_lanes(base.model_copy(update={"cpu_lanes": 3, "instances": 1}), CPU, None) == 3  # explicit wins
     assert cpu_lanes(base.model_copy(update={"cpu_lanes": 2}), "CUDAExecutionProvider", None) == 1
     assert cpu_lanes(base.model_copy(update={"cpu_lanes": 2}), CPU, [1, 2, 4]) == 1  # padded: one session per size

@@ -17,7 +17,6 @@ import onnxruntime as ort
 import pytest
 
 from service.split import protocol as p
-from service.split.server import HELLO
 from tests.images import jpeg
 from tests.service.test_v2 import binary_request, split_binary_response
 from tests.service.server import (
@@ -175,7 +174,7 @@ def _raw_front_end(path: str, slots: int, slot_bytes: int = 3 * 224 * 224):
     arena = p.Arena.create(slot_bytes, slots)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
-    socket.send_fds(sock, [b"%s %d %d %d" % (HELLO, os.getpid(), slot_bytes, slots)], [arena.fd])
+    socket.send_fds(sock, [b"%s %d %d %d" % (p.HELLO, os.getpid(), slot_bytes, slots)], [arena.fd])
     return sock, arena
 
 
@@ -269,7 +268,13 @@ def test_sigterm_drains_the_whole_tree_without_losing_a_request(exported_repo, t
         answers = asyncio.run(scenario())
         assert proc.wait(timeout=60) == 0
         assert [getattr(a, "status_code", a) for a in answers] == [200] * 10
-        assert not [pid for pid in children if os.path.exists(f"/proc/{pid}") and _state(pid) != "Z"]
+        left = lambda: [pid for pid in children if os.path.exists(f"/proc/{pid}") and _state(pid) != "Z"]  # noqa: E731
+        until(lambda: not left(), lambda: [_cmdline(pid) for pid in left()], timeout=10, interval=0.1)
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
 
 
 def _state(pid: int) -> str:

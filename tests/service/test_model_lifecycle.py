@@ -228,10 +228,11 @@ def test_admin_repository_endpoints_are_disabled_without_a_token(repo):
         assert httpx.post(f"{url}/v2/repository/models/resnet18/unload", headers=AUTH).status_code == 403
 
 
-def test_admin_changes_are_refused_with_several_workers(repo):
-    """With several worker processes an admin change would reach only the worker that took it: 409, saying what
-    reaches them all. The settings say two workers; this in-process server is one, which is all the check reads."""
-    with running_server(models_dir=repo, poll_interval_s=0, admin_token=TOKEN, workers=2,
+def test_admin_changes_are_refused_with_several_workers_that_each_load_the_models(repo):
+    """With several worker processes and no engine process an admin change would reach only the worker that took
+    it: 409, saying what reaches them all. The settings say two workers; this in-process server is one, which is
+    all the check reads. (With an engine process they answer 200: test_engine_process.py.)"""
+    with running_server(models_dir=repo, poll_interval_s=0, admin_token=TOKEN, workers=2, engine_process="off",
                         warmup=False) as (url, _):
         for path, instead in (("/v2/repository/models/resnet18/unload", "ARCHSERVE_MODELS"),
                               ("/v2/repository/models/resnet18/load", "SIGHUP"), ("/experiments/reload", "SIGHUP")):
