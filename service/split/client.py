@@ -93,7 +93,7 @@ class EngineClient:
         self._free = list(range(self.arena.count - 1, -1, -1))
         self._pending: dict[int, _Pending] = {}
         self._ids = 0
-        self._writer: asyncio.StreamWriter | None = None
+        self._protocol: p.FrameProtocol | None = None
         self._models: dict[tuple[str, int], RemoteModel] = {}
         self._task: asyncio.Task | None = None
         self._table_seen = asyncio.Event()
@@ -101,7 +101,7 @@ class EngineClient:
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None
+        return self._protocol is not None
 
     # Connection
     def start(self) -> None:
@@ -131,8 +131,9 @@ class EngineClient:
     async def _run(self) -> None:
         delay = 0.05
         while True:
+            lost = asyncio.Event()
             try:
-                reader = await self._connect()
+                await self._connect(lost.set)
             except OSError as exc:
                 self._not_ready(f"the engine process is not reachable ({exc.strerror or exc}); it may be starting")
                 await asyncio.sleep(delay)
@@ -140,14 +141,12 @@ class EngineClient:
                 continue
             delay = 0.05
             try:
-                while True:
-                    self._dispatch(await p.read_message(reader))
-            except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                await lost.wait()
                 log.warning("front-end %d lost the engine process; reconnecting", os.getpid())
             finally:
                 self._lost()
 
-    async def _connect(self) -> asyncio.StreamReader:
+    async def _connect(self, on_lost) -> None:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -155,17 +154,17 @@ class EngineClient:
             await loop.sock_connect(sock, self.path)
             hello = b"%s %d %d %d" % (p.HELLO, os.getpid(), self.arena.slot_bytes, self.arena.count)
             socket.send_fds(sock, [hello], [self.arena.fd])  # the arena, once per connection
-            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=p.MAX_FRAME)
+            protocol = p.FrameProtocol(self._dispatch, on_lost)
+            await loop.create_unix_connection(lambda: protocol, sock=sock)
         except BaseException:
             sock.close()
             raise
-        self._writer = writer
-        return reader
+        self._protocol = protocol
 
     def _lost(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
         pending, self._pending = self._pending, {}
         for entry in pending.values():
             self._free.extend(entry.slots)  # that engine is gone, or has cancelled what it held
@@ -238,8 +237,8 @@ class EngineClient:
 
     # Requests
     def _send(self, message: tuple, slots: list[int]) -> tuple[int, _Pending]:
-        writer = self._writer
-        if writer is None:
+        protocol = self._protocol
+        if protocol is None:
             self._free.extend(slots)
             raise ServiceUnavailableError(
                 "the engine process is not reachable (it is being restarted); retry", retry_after_s=1)
@@ -247,7 +246,7 @@ class EngineClient:
         request_id = self._ids
         entry = _Pending(asyncio.get_running_loop().create_future(), slots)
         self._pending[request_id] = entry
-        writer.write(p.frame((message[0], request_id, *message[1:])))
+        protocol.send((message[0], request_id, *message[1:]))
         return request_id, entry
 
     async def infer(self, name: str, version: int, arrays: list[np.ndarray], deadline: float,
@@ -283,8 +282,8 @@ class EngineClient:
             self._cancel(request_id)
 
     def _cancel(self, request_id: int) -> None:
-        if request_id in self._pending and self._writer is not None:
-            self._writer.write(p.frame((p.CANCEL, request_id)))
+        if request_id in self._pending and self._protocol is not None:
+            self._protocol.send((p.CANCEL, request_id))
 
     async def admin(self, op: str, arg: Any = None, timeout: float = 600.0) -> Any:
         """An operation on the engine's models (load, unload, index, reload_experiments): done once, for all."""

@@ -16,6 +16,8 @@ A request's slots are the front-end's again only once its OK or ERROR has arrive
 
 from __future__ import annotations
 
+import asyncio
+import math
 import mmap
 import os
 import pickle
@@ -38,12 +40,42 @@ def frame(message: tuple) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-async def read_message(reader) -> tuple:
-    """The next message; ``asyncio.IncompleteReadError`` when the other end has gone."""
-    (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-    if size > MAX_FRAME:
-        raise ConnectionError(f"a frame of {size} bytes: the other end does not speak this protocol")
-    return pickle.loads(await reader.readexactly(size))
+class FrameProtocol(asyncio.Protocol):
+    """Frames in, messages out: ``on_message`` for each whole frame, ``on_lost`` once when the connection ends.
+    A protocol rather than a stream reader: no coroutine and no awaits per message, on both ends."""
+
+    def __init__(self, on_message, on_lost) -> None:
+        self.on_message, self.on_lost = on_message, on_lost
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        offset, end = 0, len(buffer)
+        while end - offset >= HEADER.size:
+            (size,) = HEADER.unpack_from(buffer, offset)
+            if size > MAX_FRAME:
+                self.transport.close()
+                raise ConnectionError(f"a frame of {size} bytes: the other end does not speak this protocol")
+            if end - offset - HEADER.size < size:
+                break
+            start = offset + HEADER.size
+            message = pickle.loads(buffer[start:start + size])  # a copy of one frame: small (logits, control)
+            offset = start + size
+            self.on_message(message)
+        if offset:
+            del buffer[:offset]
+
+    def send(self, message: tuple) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame(message))
+
+    def connection_lost(self, exc) -> None:
+        self.on_lost()
 
 
 def error_message(request_id: int, exc: ServiceError) -> tuple:
@@ -73,7 +105,6 @@ class Arena:
     def __init__(self, fd: int, slot_bytes: int, count: int) -> None:
         self.fd, self.slot_bytes, self.count = fd, slot_bytes, count
         self.map = mmap.mmap(fd, slot_bytes * count)
-        self.buffer = np.frombuffer(self.map, dtype=np.uint8)
 
     @classmethod
     def create(cls, slot_bytes: int, count: int) -> "Arena":
@@ -85,24 +116,20 @@ class Arena:
         return array.nbytes <= self.slot_bytes
 
     def write(self, slot: int, array: np.ndarray) -> tuple:
-        start = slot * self.slot_bytes
-        target = self.buffer[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
-        np.copyto(target, array)
+        # An ndarray straight on the mapping: a tenth of the cost of slicing a view of it, per image.
+        np.copyto(np.ndarray(array.shape, array.dtype, self.map, slot * self.slot_bytes), array)
         return (slot, array.shape, array.dtype.str)
 
     def view(self, slot: int, shape: tuple, dtype: str) -> np.ndarray:
         """The image in ``slot``, without a copy: the batch that stacks it is its one copy."""
         if not 0 <= slot < self.count:
             raise ValueError(f"slot {slot} is outside the arena's {self.count}")
-        dtype = np.dtype(dtype)
-        size = int(np.prod(shape)) * dtype.itemsize
+        size = math.prod(shape) * np.dtype(dtype).itemsize
         if size > self.slot_bytes:
             raise ValueError(f"an image of {size} bytes does not fit a slot of {self.slot_bytes}")
-        start = slot * self.slot_bytes
-        return self.buffer[start:start + size].view(dtype).reshape(shape)
+        return np.ndarray(shape, dtype, self.map, slot * self.slot_bytes)
 
     def close(self) -> None:
-        self.buffer = None
         try:
             self.map.close()
         except BufferError:  # a view still in a running batch: the mapping goes with it

@@ -39,13 +39,12 @@ log = logging.getLogger("archserve.engine")
 class _Connection:
     pid: int
     arena: p.Arena
-    writer: asyncio.StreamWriter
+    protocol: p.FrameProtocol | None = None
     tasks: dict[int, asyncio.Task] = field(default_factory=dict)
     outstanding: int = 0  # images of this front-end in the engine now
 
     def send(self, message: tuple) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(p.frame(message))
+        self.protocol.send(message)
 
 
 class EngineServer:
@@ -142,36 +141,37 @@ class EngineServer:
             log.warning("a front-end could not connect: %s", exc)
             sock.close()
             return
-        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=p.MAX_FRAME)
-        conn.writer = writer
+        sock.setblocking(False)
+        lost = asyncio.Event()
+        conn.protocol = p.FrameProtocol(lambda message: self._received(conn, message), lost.set)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: conn.protocol, sock)
         self.connections.add(conn)
         conn.send(self._table())
         log.info("front-end %d connected (%d slots)", conn.pid, conn.arena.count)
         try:
-            while True:
-                message = await p.read_message(reader)
-                kind = message[0]
-                if kind == p.INFER:
-                    self._start(conn, message[1], self._infer(conn, *message[1:]))
-                elif kind == p.CANCEL:
-                    task = conn.tasks.get(message[1])
-                    if task is not None:
-                        task.cancel()
-                elif kind == p.ADMIN:
-                    self._start(conn, message[1], self._admin(conn, *message[1:]))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except Exception:
-            log.exception("front-end %d sent what this engine cannot read; disconnecting it", conn.pid)
+            await lost.wait()
         finally:
             self.connections.discard(conn)
             for task in list(conn.tasks.values()):
                 task.cancel()  # nobody is left to answer: its images leave the queues
             if conn.tasks:
                 await asyncio.wait(list(conn.tasks.values()), timeout=5)
-            writer.close()
+            conn.protocol.transport.close()
             conn.arena.close()
             log.info("front-end %d disconnected", conn.pid)
+
+    def _received(self, conn: _Connection, message: tuple) -> None:
+        kind = message[0]
+        if kind == p.INFER:
+            self._start(conn, message[1], self._infer(conn, *message[1:]))
+        elif kind == p.CANCEL:
+            task = conn.tasks.get(message[1])
+            if task is not None:
+                task.cancel()
+        elif kind == p.ADMIN:
+            self._start(conn, message[1], self._admin(conn, *message[1:]))
+        else:
+            log.error("front-end %d sent an unknown message %r; ignored", conn.pid, kind)
 
     def _handshake(self, sock: socket.socket) -> _Connection:
         sock.settimeout(10)
@@ -183,7 +183,7 @@ class EngineServer:
             raise ValueError("no arena in the hello")
         _, pid, slot_bytes, count = data.decode().split()
         arena = p.Arena(fds[0], int(slot_bytes), int(count))
-        return _Connection(int(pid), arena, writer=None)
+        return _Connection(int(pid), arena)
 
     def _start(self, conn: _Connection, request_id: int, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -261,7 +261,17 @@ def run(path: str) -> None:
 
     engine = EngineServer(settings, Path(path))
     try:
-        asyncio.run(engine.serve())
+        _run_loop(engine.serve())
     except KeyboardInterrupt:
         pass
     sys.exit(STARTUP_FAILURE if engine.failed else 0)
+
+
+def _run_loop(coro) -> None:
+    """On uvloop when installed, as uvicorn runs the front-ends: its socket transports cost less per message."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)

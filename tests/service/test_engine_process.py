@@ -143,8 +143,11 @@ def test_a_stuck_engine_answers_504_by_the_deadline_and_readiness_says_why_when_
         finally:
             os.kill(engine, signal.SIGKILL)
             os.kill(engine, signal.SIGCONT)
-        ready = httpx.get(f"{url}/health/ready", timeout=10)
-        assert ready.status_code == 503 and "engine process" in ready.json()["reason"], ready.text
+        def says_why() -> bool:  # once the front-end has read the end of the engine's socket
+            ready = httpx.get(f"{url}/health/ready", timeout=10)
+            return ready.status_code == 503 and "engine process" in ready.json()["reason"]
+
+        until(says_why, lambda: httpx.get(f"{url}/health/ready").text, timeout=5, interval=0.02)
         until(lambda: httpx.get(f"{url}/health/ready", timeout=10).status_code == 200,
               lambda: httpx.get(f"{url}/health/ready").text, timeout=120, interval=0.2)
 
