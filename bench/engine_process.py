@@ -173,6 +173,8 @@ def _load_point(server: Server, model: str, args, images: list[bytes]) -> dict:
     images_done = img_s * wall if img_s else 0
     front_ends = [pid for pid in pids if pid != server.proc.pid and pid not in engine
                   and threads[pid]["event_loop"] > 0]
+    if len(pids) == 1:  # one process: the server is its own front-end (and engine)
+        front_ends = pids
     out = {
         "img_s": img_s, "p50_ms": report["latency_ms"]["p50"], "errors": report["errors"],
         "mean_batch": report["server"]["mean_batch_size"], "memory": memory,
@@ -216,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=ROOT / "bench" / "models")
     parser.add_argument("--models", default="resnet18,resnet50")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--light-clients", type=int, default=4,
+                        help="also compare batching at this many clients (0: not)")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--handoff-rounds", type=int, default=10)
@@ -243,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         point["decode_core_ms_this_process"] = round(decode, 3)
         point["front_end_minus_decode_core_ms"] = round(point["front_end_core_ms_per_img"] - decode, 3)
         results["front_end"] = point
+        # The same work in one process (the batcher called directly): what the handoff adds to a front-end.
+        inproc = run_point("in-process", args.models_dir, first, logs, args, images, "--workers", "1",
+                           env={"ARCHSERVE_NULL_ENGINE": "true"})
+        results["front_end_in_process"] = inproc
     if "servers" not in skip:
         results["servers"] = {}
         for model in models:
@@ -253,6 +261,16 @@ def main(argv: list[str] | None = None) -> int:
             by["workers_4"] = run_point(f"{model}-off4", args.models_dir, model, logs, args, images,
                                         "--workers", "4", "--engine-process", "off")
             by["workers_1"] = run_point(f"{model}-w1", args.models_dir, model, logs, args, images, "--workers", "1")
+        if args.light_clients:
+            # At 16 clients on 2 cores each independent worker's batches fill behind its slow runs; at a
+            # load where each worker sees about one client, batching across front-ends is what forms a batch.
+            model, few = models[0], argparse.Namespace(**{**vars(args), "clients": args.light_clients})
+            print(f"{model}: {few.clients} clients, 4 front-ends + engine against 4 independent workers", flush=True)
+            by = results["servers"][f"{model}@{few.clients}"] = {}
+            by["front_ends_4"] = run_point(f"{model}-split4-c{few.clients}", args.models_dir, model, logs, few,
+                                           images, "--workers", "4")
+            by["workers_4"] = run_point(f"{model}-off4-c{few.clients}", args.models_dir, model, logs, few, images,
+                                        "--workers", "4", "--engine-process", "off")
     out = args.out or ROOT / "docs" / "results" / f"engine-process-{time.strftime('%Y-%m-%dT%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"results: {out}", flush=True)
