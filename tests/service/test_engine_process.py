@@ -323,3 +323,35 @@ def test_experiments_with_shadows_and_their_reload_reach_every_front_end(exporte
             return len(seen) == 2 and all(r.status_code == 200 for r in seen.values())
 
         until(everywhere, lambda: log.read_text()[-3000:], timeout=20, interval=0.2)
+
+
+def test_one_batch_forms_from_the_images_of_several_front_ends(exported_repo, tmp_path):
+    """Two requests through each of two front-ends, held by a long queue delay until a batch of 4 is full: the
+    engine runs them as one batch, which independent workers could not."""
+    env = {**COLD, "ARCHSERVE_CPU_LANES": "1"}
+    with service_tree(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", "--max-batch-size", "4",
+                      "--max-queue-delay-ms", "20000", env=env) as (_, url, _):
+        assert first_answer(url, "/health/ready").status_code == 200
+        by_front_end: dict[int, list[httpx.AsyncClient]] = {}
+        clients = []
+        deadline = time.monotonic() + 60
+        while min((len(v) for v in by_front_end.values()), default=0) < 2 or len(by_front_end) < 2:
+            assert time.monotonic() < deadline, {pid: len(v) for pid, v in by_front_end.items()}
+            client = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=1))  # one kept-alive connection
+            clients.append(client)
+            by_front_end.setdefault(client.get(f"{url}/health/live").json()["pid"], []).append(client)
+        chosen = [c for pids in by_front_end.values() for c in pids[:2]]
+        assert len(chosen) == 4
+        before = counter(url, "archserve_batch_size_count", model="resnet18")
+
+        async def four():
+            return await asyncio.gather(*(asyncio.to_thread(c.post, f"{url}/classify/resnet18", content=jpeg())
+                                          for c in chosen))
+
+        started = time.monotonic()
+        assert [r.status_code for r in asyncio.run(four())] == [200] * 4
+        assert time.monotonic() - started < 15  # dispatched when full, not after the 20 s delay
+        assert counter(url, "archserve_batch_size_count", model="resnet18") - before == 1
+        assert counter(url, "archserve_batch_size_sum", model="resnet18") >= 4
+        for client in clients:
+            client.close()
