@@ -123,7 +123,8 @@ async def _handoff(models_dir: Path, model: str, socket_path: str, sizes: list[i
         inproc = statistics.median(times[("in_process", size)]) * 1e6
         engine = statistics.median(times[("engine", size)]) * 1e6
         out[str(size)] = {"in_process_us": round(inproc, 1), "engine_us": round(engine, 1),
-                          "added_us": round(engine - inproc, 1), "added_us_per_image": round((engine - inproc) / size, 2),
+                          "added_us": round(engine - inproc, 1),
+                          "added_us_per_image": round((engine - inproc) / size, 2),
                           "requests_each": len(times[("engine", size)])}
     return out
 
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if "servers" not in skip:
         results["servers"] = {}
         for model in models:
-            print(f"{model}: 4 front-ends + engine, 4 independent workers, 1 worker; {args.clients} clients", flush=True)
+            print(f"{model}: 4 front-ends + engine, 4 independent workers, 1 worker; {args.clients} clients",
+                  flush=True)
             by = results["servers"][model] = {}
             by["front_ends_4"] = run_point(f"{model}-split4", args.models_dir, model, logs, args, images,
                                            "--workers", "4")

@@ -198,7 +198,8 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
     configs = [
         {"label": "w1", "workers": 1, "env": {}},
         {"label": f"w{args.workers}", "workers": args.workers,
-         "env": {"ARCHSERVE_DECODE_THREADS": str(args.decode_threads_per_worker)}},
+         "env": {"ARCHSERVE_DECODE_THREADS": str(args.decode_threads_per_worker),
+                 "ARCHSERVE_ENGINE_PROCESS": args.engine_process}},
     ]
     if args.workers <= 1:
         configs = configs[:1]
@@ -245,7 +246,9 @@ def serve_runs(models_dir: Path, out: Path, args, cuda: bool, deadline: float) -
                 result["ready_s"] = round(server.wait_ready(timeout=args.ready_timeout), 1)
                 info = model_info(server, args.serve_model)
                 if config["workers"] > 1:
-                    result["workers_loaded"] = wait_for_workers(server, config["workers"], args.ready_timeout)
+                    # With an engine process it alone holds the models (and reports them); else every worker.
+                    holders = 1 if config["env"].get("ARCHSERVE_ENGINE_PROCESS") != "off" else config["workers"]
+                    result["workers_loaded"] = wait_for_workers(server, holders, args.ready_timeout)
                 # What the loaded, warmed-up sessions of every worker hold (the server is alone on the GPU).
                 result["gpu_memory_used_mib"] = gpu_memory_used_mib(args.device_id)
                 version = (info.get("versions") or [{}])[-1]
@@ -313,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-model", default=SERVED_MODEL, help="the model behind the server")
     p.add_argument("--max-batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=8, help="worker processes of the second server (1: skip it)")
+    p.add_argument("--engine-process", choices=["auto", "off"], default="auto",
+                   help="the second server's: one engine process for its workers (auto), or models in each (off)")
     p.add_argument("--decode-threads-per-worker", type=int, default=2)
     p.add_argument("--clients", type=int, default=64, help="JPEG clients against one worker")
     p.add_argument("--clients-multi", type=int, default=256, help="JPEG clients against several workers")

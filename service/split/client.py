@@ -25,7 +25,7 @@ import numpy as np
 
 from modelrepo.manifest import Manifest
 
-from ..errors import DeadlineExceededError, QueueFullError, ServiceUnavailableError
+from ..errors import BadRequestError, DeadlineExceededError, QueueFullError, ServiceUnavailableError
 from ..images.preprocess import PreprocessSpec
 from ..metrics import ModelMetrics
 from ..models.served import ModelTable
@@ -251,21 +251,26 @@ class EngineClient:
 
     async def infer(self, name: str, version: int, arrays: list[np.ndarray], deadline: float,
                     low: bool) -> list[np.ndarray]:
+        if not arrays:
+            return []
         arena = self.arena
-        fitting = sum(1 for a in arrays if arena.fits(a))
-        if fitting > len(self._free):
+        shape, dtype = arrays[0].shape, arrays[0].dtype
+        if any(a.shape != shape or a.dtype != dtype for a in arrays):
+            raise BadRequestError("every image of one request must have the model's one input shape")
+        fits = arrays[0].nbytes <= arena.slot_bytes
+        if fits and len(arrays) > len(self._free):
             raise QueueFullError(
                 f"this front-end process already has {arena.count - len(self._free)} images at the engine, its "
                 f"limit (ARCHSERVE_ENGINE_SLOTS={arena.count}); retry shortly", retry_after_s=1)
-        slots, items = [], []
-        for array in arrays:
-            if arena.fits(array):
-                slot = self._free.pop()
-                slots.append(slot)
-                items.append(arena.write(slot, array))
-            else:  # larger than a slot: inline on the socket (one copy more)
-                items.append((-1, array.shape, array.dtype.str, array.tobytes()))
-        request_id, entry = self._send((p.INFER, name, version, tuple(items), deadline, low), slots)
+        if fits:
+            slots = [self._free.pop() for _ in arrays]
+            for slot, array in zip(slots, arrays):
+                arena.write(slot, array)
+            images = (shape, dtype.str, tuple(slots), ())
+        else:  # larger than a slot: inline on the socket (one copy more)
+            slots = []
+            images = (shape, dtype.str, (-1,) * len(arrays), tuple(a.tobytes() for a in arrays))
+        request_id, entry = self._send((p.INFER, name, version, images, deadline, low), slots)
         loop = asyncio.get_running_loop()
         entry.timer = loop.call_at(deadline + _GRACE_S, self._expire, request_id)
         try:

@@ -6,9 +6,10 @@ passes to the engine once, when it connects) and the frame names the slot. Logit
 one float array. Pickle is safe here: both ends are processes of one server, on a socket in a folder only its
 user can open.
 
-Front-end -> engine: ``(INFER, id, name, version, items, deadline, low)`` with ``items`` a tuple of
-``(slot, shape, dtype)``, or ``(-1, shape, dtype, data)`` for an image larger than a slot; ``(CANCEL, id)``;
-``(ADMIN, id, op, arg)``.
+Front-end -> engine: ``(INFER, id, name, version, images, deadline, low)`` with ``images`` =
+``(shape, dtype, slots, inline)``: one shape and dtype for every image of the request (one model's input),
+a slot number per image, -1 for one larger than a slot, whose bytes are the next of ``inline``;
+``(CANCEL, id)``; ``(ADMIN, id, op, arg)``.
 Engine -> front-end: ``(TABLE, ready, status, reason, models)``, ``(OK, id, data, shape, dtype)``,
 ``(ERROR, id, class name, message, headers)``, ``(ADMIN_OK, id, result)``, ``(RELOAD_EXPERIMENTS,)``.
 A request's slots are the front-end's again only once its OK or ERROR has arrived, whatever happened to it.
@@ -115,18 +116,24 @@ class Arena:
     def fits(self, array: np.ndarray) -> bool:
         return array.nbytes <= self.slot_bytes
 
-    def write(self, slot: int, array: np.ndarray) -> tuple:
+    def write(self, slot: int, array: np.ndarray) -> None:
         # An ndarray straight on the mapping: a tenth of the cost of slicing a view of it, per image.
         np.copyto(np.ndarray(array.shape, array.dtype, self.map, slot * self.slot_bytes), array)
-        return (slot, array.shape, array.dtype.str)
 
-    def view(self, slot: int, shape: tuple, dtype: str) -> np.ndarray:
-        """The image in ``slot``, without a copy: the batch that stacks it is its one copy."""
-        if not 0 <= slot < self.count:
-            raise ValueError(f"slot {slot} is outside the arena's {self.count}")
-        size = math.prod(shape) * np.dtype(dtype).itemsize
-        if size > self.slot_bytes:
-            raise ValueError(f"an image of {size} bytes does not fit a slot of {self.slot_bytes}")
+    def views(self, images: tuple) -> list[np.ndarray]:
+        """The images of an INFER message, without a copy (the batch that stacks them is their one copy)."""
+        shape, dtype, slots, inline = images
+        dtype = np.dtype(dtype)
+        size = math.prod(shape) * dtype.itemsize
+        if inline:
+            pending = iter(inline)
+            return [np.frombuffer(next(pending), dtype).reshape(shape) if slot < 0
+                    else self._view(slot, shape, dtype, size) for slot in slots]
+        return [self._view(slot, shape, dtype, size) for slot in slots]
+
+    def _view(self, slot: int, shape: tuple, dtype: np.dtype, size: int) -> np.ndarray:
+        if not 0 <= slot < self.count or size > self.slot_bytes:
+            raise ValueError(f"{size} bytes in slot {slot}: the arena has {self.count} slots of {self.slot_bytes}")
         return np.ndarray(shape, dtype, self.map, slot * self.slot_bytes)
 
     def close(self) -> None:

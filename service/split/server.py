@@ -191,9 +191,9 @@ class EngineServer:
         task.add_done_callback(lambda _: conn.tasks.pop(request_id, None))
 
     # Requests
-    async def _infer(self, conn: _Connection, request_id: int, name: str, version: int, items: tuple,
+    async def _infer(self, conn: _Connection, request_id: int, name: str, version: int, images: tuple,
                      deadline: float, low: bool) -> None:
-        count = len(items)
+        count = len(images[2])
         conn.outstanding += count
         try:
             if conn.outstanding > conn.arena.count:
@@ -201,8 +201,7 @@ class EngineServer:
                     f"this front-end already has {conn.outstanding - count} images at the engine, its limit "
                     f"({conn.arena.count}, ARCHSERVE_ENGINE_SLOTS); retry shortly", retry_after_s=1)
             served = self.state.models.get(name, version)
-            arrays = [np.frombuffer(item[3], item[2]).reshape(item[1]) if item[0] < 0
-                      else conn.arena.view(*item) for item in items]
+            arrays = conn.arena.views(images)
             logits = await served.batcher.submit_many(arrays, deadline=deadline,
                                                       priority="low" if low else "normal")
             out = np.stack(logits) if logits else np.empty((0, 0), np.float32)

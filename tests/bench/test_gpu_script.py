@@ -50,8 +50,9 @@ def test_the_gpu_script_runs_every_step_on_the_cpu_and_reports_them(exported_rep
 
     lanes = 2 if available_cores() >= 2 else 1  # on the CPU, one worker: one batch per lane under load
     assert serve["w1"]["batching"]["instances"] == serve["w1"]["batching"]["cpu_lanes"] == lanes
-    assert serve["w2"]["batching"]["instances"] == serve["w2"]["batching"]["cpu_lanes"] == 1  # 2 workers: no lanes
-    assert serve["w2"]["workers_loaded"] == 2  # both workers' model info was in one scrape before measuring
+    # 2 workers feed one engine process, which places the model as one worker would, and alone reports it
+    assert serve["w2"]["batching"]["instances"] == serve["w2"]["batching"]["cpu_lanes"] == lanes
+    assert serve["w2"]["workers_loaded"] == 1
     assert serve["w1"]["batching"]["sessions"] == (1 + lanes if lanes > 1 else 1)  # and one per lane
     compared = serve["per-size"]  # a --compare-env server: its settings reached it, and it served the w1 points
     assert compared["env"]["ARCHSERVE_SESSION_PER_BATCH_SIZE"] == "always"

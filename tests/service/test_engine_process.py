@@ -227,8 +227,10 @@ def test_the_engine_bounds_what_each_front_end_has_outstanding(engine_alone):
     table = _until_ready_table(stuck)
     name, version = table[4][0][:2]
     image = np.full((224, 224, 3), 7, np.uint8)
-    items = tuple(stuck_arena.write(slot, image) for slot in range(2))
-    too_many = items + ((-1, image.shape, image.dtype.str, image.tobytes()),)
+    for slot in range(2):
+        stuck_arena.write(slot, image)
+    items = (image.shape, image.dtype.str, (0, 1), ())
+    too_many = (image.shape, image.dtype.str, (0, 1, -1), (image.tobytes(),))
     stuck.sendall(p.frame((p.INFER, 1, name, version, too_many, time.monotonic() + 30, False)))
     refused = _receive(stuck)
     while refused[0] == p.TABLE:
@@ -240,8 +242,9 @@ def test_the_engine_bounds_what_each_front_end_has_outstanding(engine_alone):
     other, other_arena = _raw_front_end(engine_alone, slots=4)
     _until_ready_table(other)
     for request_id in range(1, 20):
-        item = other_arena.write(request_id % 4, image)
-        other.sendall(p.frame((p.INFER, request_id, name, version, (item,), time.monotonic() + 30, False)))
+        other_arena.write(request_id % 4, image)
+        item = (image.shape, image.dtype.str, (request_id % 4,), ())
+        other.sendall(p.frame((p.INFER, request_id, name, version, item, time.monotonic() + 30, False)))
         answer = _receive(other)
         assert answer[:2] == (p.OK, request_id), answer[:4]
         logits = np.frombuffer(answer[2], answer[4]).reshape(answer[3])
@@ -355,3 +358,31 @@ def test_one_batch_forms_from_the_images_of_several_front_ends(exported_repo, tm
         assert counter(url, "archserve_batch_size_sum", model="resnet18") >= 4
         for client in clients:
             client.close()
+
+
+def test_a_full_engine_queue_is_a_503_and_a_client_that_leaves_takes_its_image_out(exported_repo, tmp_path):
+    """The engine's errors reach the client as they would from one worker (503 queue_full with Retry-After),
+    and a client that disconnects is a 499 whose image leaves the engine's queue at once."""
+    env = {**COLD, "ARCHSERVE_CPU_LANES": "1", "ARCHSERVE_MAX_QUEUE_SIZE": "2"}
+    # A long queue delay holds what is queued (a batch of 4 is never full) for as long as the test needs.
+    with service_tree(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", "--max-batch-size", "4",
+                      "--max-queue-delay-ms", "8000", env=env) as (_, url, _):
+        assert first_answer(url, "/health/ready").status_code == 200
+        data = jpeg()
+        request = (f"POST /classify/resnet18 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                   f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+        port = int(url.rsplit(":", 1)[1])
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        for s in socks:
+            s.sendall(request)
+        queued = lambda: counter(url, "archserve_queue_depth", model="resnet18")  # noqa: E731
+        until(lambda: queued() == 2, lambda: f"queue depth {queued()}")
+        full = httpx.post(f"{url}/classify/resnet18", content=data, timeout=60)
+        assert full.status_code == 503 and full.json()["code"] == "queue_full", full.text
+        assert full.headers["Retry-After"] == "1"
+        socks[0].close()
+        until(lambda: counter(url, "archserve_requests_total", code=499) == 1, lambda: "no 499")
+        until(lambda: queued() == 1, lambda: f"queue depth {queued()}")  # it left the engine's queue
+        socks[1].settimeout(30)
+        assert socks[1].recv(64).startswith(b"HTTP/1.1 200"), "the one still waiting is served"
+        socks[1].close()
