@@ -190,15 +190,22 @@ class EngineClient:
             entry = self._pending.pop(message[1], None)
             if entry is None:
                 return
-            self._free.extend(entry.slots)
             if entry.timer is not None:
                 entry.timer.cancel()
-            if entry.future.done():
-                return  # failed here already (deadline, disconnect): only its slots were waiting
+            if entry.future.done():  # failed here already (deadline, disconnect): only its slots were waiting
+                self._free.extend(entry.slots)
+                return
             if kind == p.OK:
                 _, _, data, shape, dtype = message
-                entry.future.set_result(list(np.frombuffer(data, dtype).reshape(shape)))
-            elif kind == p.ADMIN_OK:
+                if data is None:  # in the slots, read before they are free again
+                    rows = self.arena.take(entry.slots, shape, dtype)
+                else:
+                    rows = list(np.frombuffer(data, dtype).reshape(shape))
+                self._free.extend(entry.slots)
+                entry.future.set_result(rows)
+                return
+            self._free.extend(entry.slots)
+            if kind == p.ADMIN_OK:
                 entry.future.set_result(message[2])
             else:
                 entry.future.set_exception(p.rebuild_error(*message[2:]))

@@ -10,7 +10,8 @@ Front-end -> engine: ``(INFER, id, name, version, images, deadline, low)`` with 
 ``(shape, dtype, slots, inline)``: one shape and dtype for every image of the request (one model's input),
 a slot number per image, -1 for one larger than a slot, whose bytes are the next of ``inline``;
 ``(CANCEL, id)``; ``(ADMIN, id, op, arg)``.
-Engine -> front-end: ``(TABLE, ready, status, reason, models)``, ``(OK, id, data, shape, dtype)``,
+Engine -> front-end: ``(TABLE, ready, status, reason, models)``, ``(OK, id, data, shape, dtype)`` (``data``
+None: each image's logits, of ``shape``, are in its slot; else the bytes of all of them),
 ``(ERROR, id, class name, message, headers)``, ``(ADMIN_OK, id, result)``, ``(RELOAD_EXPERIMENTS,)``.
 A request's slots are the front-end's again only once its OK or ERROR has arrived, whatever happened to it.
 """
@@ -130,6 +131,19 @@ class Arena:
             return [np.frombuffer(next(pending), dtype).reshape(shape) if slot < 0
                     else self._view(slot, shape, dtype, size) for slot in slots]
         return [self._view(slot, shape, dtype, size) for slot in slots]
+
+    def put(self, slots: tuple, rows: list[np.ndarray]) -> bool:
+        """The engine writes each image's logits over its pixels (the batch has copied them): the answer then
+        carries no data. False if a row does not fit a slot (it goes in the frame instead)."""
+        if rows[0].nbytes > self.slot_bytes:
+            return False
+        for slot, row in zip(slots, rows):
+            np.copyto(np.ndarray(row.shape, row.dtype, self.map, slot * self.slot_bytes), row)
+        return True
+
+    def take(self, slots: list[int], shape: tuple, dtype: str) -> list[np.ndarray]:
+        """The front-end copies the logits out of its slots before they are used again."""
+        return [np.ndarray(shape, dtype, self.map, slot * self.slot_bytes).copy() for slot in slots]
 
     def _view(self, slot: int, shape: tuple, dtype: np.dtype, size: int) -> np.ndarray:
         if not 0 <= slot < self.count or size > self.slot_bytes:
