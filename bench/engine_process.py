@@ -214,6 +214,28 @@ def run_point(label: str, models_dir: Path, model: str, logs: Path, args, images
     return point
 
 
+def alternate_throughput(models_dir: Path, model: str, logs: Path, args, images) -> dict:
+    """4 front-ends + engine against ``--workers 1``, both up, in ``--alternate-rounds`` rounds that alternate
+    which goes first: the machine's drift over minutes falls on both alike (one point each did not settle a
+    1-2% difference: it came out either way in two runs)."""
+    rounds, seconds = args.alternate_rounds, args.alternate_seconds
+    img: dict[str, list[float]] = {"front_ends_4": [], "workers_1": []}
+    with _service(f"{model}-alt-split4", models_dir, model, logs, "--workers", "4") as split, \
+            _service(f"{model}-alt-w1", models_dir, model, logs, "--workers", "1") as single:
+        split.wait_ready()
+        single.wait_ready()
+        order = [("front_ends_4", split), ("workers_1", single)]
+        for r in range(rounds):
+            for label, server in order if r % 2 == 0 else order[::-1]:
+                report = run_async(closed_loop(server.url, model, args.clients, seconds,
+                                               warmup=args.warmup if r == 0 else 1.0, images=images, timeout=60))
+                img[label].append(report["throughput_img_s"])
+    out = {label: {"rounds_img_s": v, "mean_img_s": round(statistics.mean(v), 2)} for label, v in img.items()}
+    out["ratio"] = round(out["front_ends_4"]["mean_img_s"] / out["workers_1"]["mean_img_s"], 4)
+    print(f"  {model} alternating: {json.dumps(out)}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_process", description=__doc__.split("\n")[0])
     parser.add_argument("--models-dir", type=Path, default=ROOT / "bench" / "models")
@@ -225,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--handoff-rounds", type=int, default=10)
     parser.add_argument("--handoff-block", type=int, default=200)
-    parser.add_argument("--skip", default="", help="comma-separated: handoff, front_end, servers")
+    parser.add_argument("--alternate-rounds", type=int, default=6)
+    parser.add_argument("--alternate-seconds", type=float, default=8.0)
+    parser.add_argument("--skip", default="", help="comma-separated: handoff, front_end, servers, alternate")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -273,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
                                            images, "--workers", "4")
             by["workers_4"] = run_point(f"{model}-off4-c{few.clients}", args.models_dir, model, logs, few, images,
                                         "--workers", "4", "--engine-process", "off")
+    if "alternate" not in skip:
+        results["alternate"] = {}
+        for model in models:
+            print(f"{model}: 4 front-ends + engine against 1 worker, alternating, {args.clients} clients", flush=True)
+            results["alternate"][model] = alternate_throughput(args.models_dir, model, logs, args, images)
     out = args.out or ROOT / "docs" / "results" / f"engine-process-{time.strftime('%Y-%m-%dT%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"results: {out}", flush=True)
