@@ -15,7 +15,7 @@ from pathlib import Path
 from service import threads
 
 
-def _process_tree(pid: int) -> dict[int, list[str]]:
+def process_tree(pid: int) -> dict[int, list[str]]:
     """``pid`` and its live descendants (worker processes): each one's /proc stat fields after the command
     name (``[1]`` the parent pid, ``[11]``/``[12]`` utime/stime, ``[13]``/``[14]`` of reaped children). Empty if
     ``pid`` is not running."""
@@ -40,7 +40,7 @@ def _process_tree(pid: int) -> dict[int, list[str]]:
 
 def process_tree_cpu_s(pid: int) -> float:
     """CPU seconds of ``pid`` and every live descendant (worker processes), plus what the tree has reaped."""
-    tree = _process_tree(pid)
+    tree = process_tree(pid)
     if pid not in tree:
         return 0.0
     total = sum(int(fields[11]) + int(fields[12]) for fields in tree.values())
@@ -65,7 +65,7 @@ def process_tree_threads_cpu_s(pid: int) -> dict[str, float]:
     A thread that ended is not counted: compare two samples of long-lived threads (a server's are)."""
     tick = os.sysconf("SC_CLK_TCK")
     groups = {"event_loop": 0.0, "decode": 0.0, "inference": 0.0, "other": 0.0}
-    for proc in _process_tree(pid):
+    for proc in process_tree(pid):
         with contextlib.suppress(OSError):
             for task in Path(f"/proc/{proc}/task").iterdir():
                 with contextlib.suppress(OSError, IndexError, ValueError):

@@ -29,31 +29,19 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from modelrepo.layout import list_versions
 from service.images.preprocess import PreprocessSpec, decode_for
 from service.metrics import Metrics
 from service.models.served import load_model
 from service.settings import Settings
 from service.split.client import EngineClient
 
-from .cpu_meter import process_tree_threads_cpu_s
+from .cpu_meter import process_tree, process_tree_threads_cpu_s
 from .http_client import run_async
 from .images import make_jpegs
 from .load import closed_loop
 from .report import machine_facts
 from .servers import PY, ROOT, Server, export_models, free_port
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry.name))
-    return out
 
 
 def _maps_onnxruntime(pid: int) -> bool:
@@ -76,12 +64,7 @@ def _memory_mb(pids: list[int]) -> dict:
 
 
 def _tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        todo.extend(_children(current))
-    return pids
+    return list(process_tree(pid))  # the server and its worker (engine) processes
 
 
 def _cpu_s(pid: int) -> float:
@@ -96,7 +79,8 @@ async def _handoff(models_dir: Path, model: str, socket_path: str, sizes: list[i
     settings = Settings(models_dir=models_dir, models=[model], null_engine=True, device="cpu", warmup=False,
                         engine_socket=socket_path, engine_process="on", poll_interval_s=0)
     metrics = Metrics(CollectorRegistry())
-    local = await asyncio.to_thread(load_model, model, 1, settings, metrics)
+    version = list_versions(models_dir / model)[-1]  # the one the engine serves (the latest)
+    local = await asyncio.to_thread(load_model, model, version, settings, metrics)
     await local.batcher.start()
     state = types.SimpleNamespace(ready=False, status="loading", reason="", shutting_down=False,
                                   metrics=metrics, models=None)
@@ -172,6 +156,7 @@ def _load_point(server: Server, model: str, args, images: list[bytes]) -> dict:
     memory = _memory_mb(_tree(server.proc.pid))
     img_s = report["throughput_img_s"]
     images_done = img_s * wall if img_s else 0
+    # The supervisor's other children (multiprocessing's resource tracker) never run an event loop.
     front_ends = [pid for pid in pids if pid != server.proc.pid and pid not in engine
                   and threads[pid]["event_loop"] > 0]
     if len(pids) == 1:  # one process: the server is its own front-end (and engine)
@@ -216,8 +201,8 @@ def run_point(label: str, models_dir: Path, model: str, logs: Path, args, images
 
 def alternate_throughput(models_dir: Path, model: str, logs: Path, args, images) -> dict:
     """4 front-ends + engine against ``--workers 1``, both up, in ``--alternate-rounds`` rounds that alternate
-    which goes first: the machine's drift over minutes falls on both alike (one point each did not settle a
-    1-2% difference: it came out either way in two runs)."""
+    which goes first: the machine's drift over minutes falls on both alike, where one point each cannot tell
+    a difference of a few percent from it."""
     rounds, seconds = args.alternate_rounds, args.alternate_seconds
     img: dict[str, list[float]] = {"front_ends_4": [], "workers_1": []}
     with _service(f"{model}-alt-split4", models_dir, model, logs, "--workers", "4") as split, \

@@ -88,7 +88,7 @@ def install_reload_signal(app: FastAPI) -> None:
     if state.settings.experiments_file is None:
         return
 
-    client = getattr(app.state, "engine_client", None)
+    client = app.state.engine_client
     if client is not None:
         client.on_reload_experiments = lambda: reload("relayed by the engine")
 

@@ -25,7 +25,7 @@ from ..threads import ONNXRUNTIME, name_os_thread, os_thread_name
 
 class _OnFirstUse:
     """onnxruntime, imported when first used: front-end processes import this module but run no session, and
-    the library costs them ~20 MB each."""
+    they should not carry the library's memory."""
 
     def __getattr__(self, name: str):
         import onnxruntime

@@ -178,11 +178,10 @@ class EngineClient:
 
     def _not_ready(self, reason: str) -> None:
         state = self.state
-        if state.status != "failed" or self.connected:
-            state.status = "loading"
-        if state.ready or state.reason != reason:
-            state.ready, state.reason = False, reason
-            state.metrics.ready.set(0)
+        if state.status == "failed":
+            return  # the engine said why before it went (wait_ready raises on it); the next table replaces it
+        state.status, state.ready, state.reason = "loading", False, reason
+        state.metrics.ready.set(0)
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]
