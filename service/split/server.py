@@ -68,10 +68,10 @@ class EngineServer:
         )
         return (p.TABLE, state.ready, state.status, state.reason, models)
 
-    def publish(self, force: bool = False) -> None:
-        """Send the table to every front-end if it changed (or to all with ``force``)."""
+    def publish(self) -> None:
+        """Send the table to every front-end if it changed (a new front-end gets it when it connects)."""
         key = (id(self.state.models), self.state.ready, self.state.status, self.state.reason)
-        if key == self._published and not force:
+        if key == self._published:
             return
         self._published = key
         table = self._table()
