@@ -165,8 +165,8 @@ class EngineProcess:
         self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state of this one
         self.process = None
         self.failed_to_start = False
-        self._failures = 0
-        self._retry_at = 0.0
+        self._failures = 0  # failed starts in a row
+        self._retry_at: float | None = None  # when to start again after a failed start
         self.log = logging.getLogger("uvicorn.error")
 
     def start(self) -> None:
@@ -186,15 +186,20 @@ class EngineProcess:
             self.log.error("The engine process [%s] could not load the models, stopping.", self.process.pid)
             self.failed_to_start = True
             return False
-        if now < self._retry_at:
-            return True
-        if self.process.exitcode == STARTUP_FAILURE:  # cannot load now (a broken version): try again, slower
-            self._failures += 1
-            self._retry_at = now + min(60.0, 2.0**self._failures)
-        else:
+        if self._retry_at is None:
+            if self.process.exitcode == STARTUP_FAILURE:  # cannot load now (a broken version): wait, then again
+                self._failures += 1
+                delay = min(60.0, 2.0**self._failures)
+                self._retry_at = now + delay
+                self.log.error("The engine process [%s] could not load the models; the front-ends answer 503; "
+                               "trying again in %.0f s", self.process.pid, delay)
+                return True
             self._failures = 0
-        self.log.error("The engine process [%s] exited (code %s); starting another; the front-ends answer 503 "
-                       "until it is ready", self.process.pid, self.process.exitcode)
+            self.log.error("The engine process [%s] exited (code %s); starting another; the front-ends answer 503 "
+                           "until it is ready", self.process.pid, self.process.exitcode)
+        elif now < self._retry_at:
+            return True
+        self._retry_at = None
         self.start()
         return True
 

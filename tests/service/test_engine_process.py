@@ -387,3 +387,39 @@ def test_a_full_engine_queue_is_a_503_and_a_client_that_leaves_takes_its_image_o
         socks[1].settimeout(30)
         assert socks[1].recv(64).startswith(b"HTTP/1.1 200"), "the one still waiting is served"
         socks[1].close()
+
+
+class _DeadEngine:
+    """A process that has exited with ``exitcode``, as multiprocessing shows one."""
+
+    def __init__(self, exitcode: int) -> None:
+        self.exitcode, self.pid = exitcode, 1
+
+    def is_alive(self) -> bool:
+        return False
+
+
+def test_an_engine_that_cannot_load_is_started_again_after_2_4_8_seconds_and_one_that_died_at_once():
+    from uvicorn.config import STARTUP_FAILURE
+
+    from service.__main__ import EngineProcess
+
+    engine = EngineProcess("unused.sock")
+    starts: list[float] = []
+    now = 100.0
+
+    def start() -> None:
+        starts.append(now)
+        engine.process = _DeadEngine(STARTUP_FAILURE)  # the replacement cannot load either
+
+    engine.start = start
+    engine.process = _DeadEngine(STARTUP_FAILURE)
+    assert engine.keep_alive(now, served=False) is False and engine.failed_to_start  # first start: stop
+    engine.failed_to_start = False
+    for now in (100.0, 101.9, 102.0, 102.5, 106.4, 106.5, 107.0, 114.9, 115.0):  # the supervisor's checks
+        assert engine.keep_alive(now, served=True) is True
+    assert starts == [102.0, 106.5, 115.0]  # 2, 4 and 8 s after each failure was seen (100, 102.5, 107)
+
+    engine.process = _DeadEngine(-9)  # killed: started again at the next check, and the delays start over
+    now = 200.0
+    assert engine.keep_alive(now, served=True) and starts[-1] == 200.0
