@@ -24,7 +24,8 @@ def test_the_engine_process_benchmark_measures_the_handoff_and_the_front_end(exp
     assert set(data["handoff"]) == {"1", "8", "32"}
     for size, point in data["handoff"].items():
         assert point["requests_each"] == 2 * 5 and point["in_process_us"] > 0 and point["engine_us"] > 0
-        assert point["added_us"] == round(point["engine_us"] - point["in_process_us"], 1)
+        # from the unrounded medians: within the two roundings of the figures beside it
+        assert abs(point["added_us"] - (point["engine_us"] - point["in_process_us"])) <= 0.15
     front_end, in_process = data["front_end"], data["front_end_in_process"]
     assert front_end["errors"] == {} and front_end["img_s"] > 0
     assert front_end["processes"] == {"engine": 1, "front_ends_or_workers": 1}  # the null engine maps onnxruntime
