@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     version_policy: Literal["latest", "all"] = Field(
         "latest", description="Serve only the highest version of each model, or every published version."
     )
+    allow_symlinks: bool = Field(
+        False,
+        description="Serve model and version folders that are symlinks resolving outside models_dir (for "
+        "repositories mounted that way). Off: such a folder is refused wherever it is read, and logged once.",
+    )
 
     # Execution
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -100,8 +105,20 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     max_queue_delay_ms: float = Field(0.0, ge=0)
     max_queue_size: int = Field(256, ge=1, description="Images waiting per model version before 503.")
+    max_queue_wait_ms: float = Field(
+        1000.0, ge=0,
+        description="Refuse a request with 503 at arrival when its model's queue would keep it waiting longer "
+        "than this, estimated from the model's recent compute time per image; 0 = count bound only.",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of a request, from arrival.")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Request line and headers, in bytes; more is answered 431 and closed."
+    )
+    max_header_count: int = Field(100, ge=1, description="Request headers; more is answered 431 and closed.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time a connection has to send a request's headers once it starts one (slowloris)."
+    )
     max_images_per_request: int = Field(64, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1, description="Larger images are refused before decoding.")
     decode_threads: int = Field(0, ge=0, description="Image decoding threads; 0 = one per core.")
