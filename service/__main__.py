@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from .http.connection import ConnectionLimits
+
     DrainingServer = _draining_server_class()
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the
     # signal; a drained shutdown is a success, so that re-raise exits 0.
@@ -267,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s) or None,
         proxy_headers=False,
         access_log=settings.access_log,
+        http="service.http.connection:GuardedHttpToolsProtocol",  # httptools, with head limits (431, 408)
     )
+    limits = ConnectionLimits(settings.max_header_bytes, settings.max_header_count, settings.header_timeout_s)
     engine = None
     engine_dir = None
     if settings.split:
@@ -279,13 +283,16 @@ def main(argv: list[str] | None = None) -> int:
         if engine is not None:
             engine.start()
         if settings.workers == 1 and engine is None:
-            DrainingServer(uvicorn.Config("service.app:create_app", **options)).run()
+            config = uvicorn.Config("service.app:create_app", **options)
+            config.archserve_limits = limits
+            DrainingServer(config).run()
         else:
             # Each worker loads before it takes requests (service.app), so a rolling restart (SIGHUP) must
             # wait for a worker as long as loading may take, not uvicorn's default 5 s. What uvicorn.run does
             # for several workers, with our supervisor, which also says whether a worker failed to start.
             config = uvicorn.Config("service.app:create_app", workers=settings.workers,
                                     timeout_worker_healthcheck=settings.worker_start_timeout_s, **options)
+            config.archserve_limits = limits  # pickled with the config into every worker
             supervisor = _supervisor_class()(config, sockets=[config.bind_socket()], engine=engine)
             supervisor.run()
             if engine is not None:
