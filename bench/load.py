@@ -30,6 +30,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.latencies: list[float] = []  # seconds, successful responses
+        self.error_latencies: dict[str, list[float]] = {}  # seconds, by status: how fast a refusal comes
         self.errors: Counter[str] = Counter()
         self.ok = 0
         self.window: tuple[float, float] = (math.inf, math.inf)
@@ -43,6 +44,7 @@ class Recorder:
             self.latencies.append(latency)
         else:
             self.errors[str(status)] += 1
+            self.error_latencies.setdefault(str(status), []).append(latency)
 
 
 def latency_summary(latencies: list[float]) -> dict:
@@ -302,6 +304,7 @@ def _report(rec: Recorder, *, mode, url, model, duration, warmup, workload, extr
         "throughput_img_s": round(rec.ok * per_request / duration, 3),  # images, not requests
         "throughput_req_s": round(rec.ok / duration, 3),
         "latency_ms": latency_summary(rec.latencies),
+        "error_latency_ms": {status: latency_summary(v) for status, v in sorted(rec.error_latencies.items())},
         "server": server_figures(before, after, model),
         "loadgen_cpu_cores": round(cpu_s / duration, 3),
     }

@@ -60,6 +60,12 @@ class QueueFullError(ServiceUnavailableError):
     code = "queue_full"
 
 
+class QueueWaitError(QueueFullError):
+    """The queue would keep the request waiting longer than ``max_queue_wait_ms``: refused at arrival."""
+
+    code = "overloaded"
+
+
 class ModelClosedError(ServiceUnavailableError):
     """The model's batcher is closing (shutdown, unload) and did not run the request."""
 

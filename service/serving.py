@@ -158,6 +158,7 @@ async def serve(
         in_flight = served.metrics.in_flight
         in_flight.inc()
         payload = await read(call)
+        served.batcher.check_admission()  # overloaded: 503 now, before the decode is spent on it
         response = await until_disconnected(request, run(call, payload))
         code = response.status_code
         if code == 200:

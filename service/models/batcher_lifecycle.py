@@ -39,7 +39,8 @@ class BatcherLifecycle(Generic[T, R]):
     each of those threads during ``start()``, before any batch (an exception it raises fails ``start``):
     per-thread runtime state is warm where the batches run. ``run_alone`` has ``run_batch``'s contract.
     Low-priority items wait in a queue of ``max_low_queue_size``, shed while ``shed_depth`` normal items wait
-    (default ``max_batch_size``). Callbacks (``on_batch``, ``on_queue_depth``, ``on_expired`` for requests
+    (default ``max_batch_size``). With ``max_queue_wait_ms``, a normal request that would wait longer than that
+    behind the queue (estimated from recent batches' run time per image) is refused at once. Callbacks (``on_batch``, ``on_queue_depth``, ``on_expired`` for requests
     whose deadline passed before they ran, ``on_shed``) run on the event loop and must be quick; an
     exception they raise is logged and ignored.
     """
@@ -61,6 +62,7 @@ class BatcherLifecycle(Generic[T, R]):
         on_shed: Callable[[int], None] | None = None,
         warmup: Callable[[], None] | None = None,
         run_alone: Callable[[list[T]], Sequence[R]] | None = None,
+        max_queue_wait_ms: float = 0.0,
     ) -> None:
         if not callable(run_batch):
             raise TypeError(f"run_batch must be callable, got {type(run_batch).__name__}")
@@ -79,6 +81,9 @@ class BatcherLifecycle(Generic[T, R]):
             raise ValueError(
                 f"max_queue_delay_ms must be a finite number >= 0 (0 disables the delay), got {max_queue_delay_ms}"
             )
+        for label, value in (("max_queue_delay_ms", max_queue_delay_ms), ("max_queue_wait_ms", max_queue_wait_ms)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{label} must be a finite number >= 0 (0 = off), got {value!r}")
         for label, callback in (
             ("on_batch", on_batch), ("on_queue_depth", on_queue_depth), ("on_expired", on_expired),
             ("on_shed", on_shed), ("warmup", warmup),
@@ -90,6 +95,8 @@ class BatcherLifecycle(Generic[T, R]):
         self._run_alone = run_alone
         self._warmup = warmup
         self._max_queue_delay_s = float(max_queue_delay_ms) / 1000.0
+        self._max_queue_wait_s = float(max_queue_wait_ms) / 1000.0
+        self._per_image_s: float | None = None  # recent run time per image, per batch running at once (EWMA)
         self._name = name
         self._label = f"batcher {name!r}" if name else "batcher"
         self._on_batch = on_batch

@@ -8,7 +8,11 @@ by themselves (MLServer's adaptive batcher, Triton's dynamic batcher). With
 ``max_queue_delay_ms`` > 0, a free worker holding a partial batch waits until
 the oldest waiting item has been queued that long, or the batch is full.
 
-Admission never waits: a full queue raises ``QueueFullError`` at once. A
+Admission never waits: a full queue raises ``QueueFullError`` at once, and
+so does a queue that would keep the request waiting longer than
+``max_queue_wait_ms`` (``QueueWaitError``): the wait is estimated from the
+images ahead and the recent run time per image, so overload is refused at
+arrival instead of admitted to wait for seconds. A
 request's absolute ``time.monotonic()`` deadline removes it from the queue if
 it passes there, and fails it with ``DeadlineExceededError`` if it passes while
 its batch runs (the late result is dropped); a cancelled caller's queued item
@@ -28,7 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DeadlineExceededError, InferenceError, ModelClosedError, QueueFullError, ShedError
+from ..errors import (
+    DeadlineExceededError, InferenceError, ModelClosedError, QueueFullError, QueueWaitError, ShedError,
+)
 from .batcher_lifecycle import BatcherLifecycle, R, T
 
 __all__ = [
@@ -126,6 +132,8 @@ class Batcher(BatcherLifecycle[T, R]):
             self._direct.discard(future)
             if not future.cancelled() and future.exception() is None:  # prepared: a batch of one ran
                 _, error, run_s = future.result()
+                if error is None:
+                    self._observe_run(1, run_s, 1)
                 self._notify(self._on_batch, BatchStats(1, [0.0], run_s, error is None, run is self._run_alone),
                              "on_batch")
 
@@ -157,17 +165,7 @@ class Batcher(BatcherLifecycle[T, R]):
             raise DeadlineExceededError(f"{self._label}: the deadline had passed before the request was queued")
         if priority == "low":
             return self._admit_low(items, deadline, now)
-        if len(items) > self._max_queue_size:
-            raise QueueFullError(
-                f"{self._label}: {len(items)} items can never fit a queue of max_queue_size={self._max_queue_size}"
-            )
-        if len(self._queue) + len(items) > self._max_queue_size:
-            self._expire_queued(now)
-            if len(self._queue) + len(items) > self._max_queue_size:
-                raise QueueFullError(
-                    f"{self._label}: queue full, at its limit of {self._max_queue_size} images "
-                    f"({len(self._queue)} waiting, {len(items)} more requested); retry after a moment"
-                )
+        self._refuse_if_full(len(items), now)
         assert self._loop is not None and self._available is not None
         request = next(self._requests)
         entries = [_Entry(item, self._loop.create_future(), deadline, now, request=request) for item in items]
@@ -177,6 +175,49 @@ class Batcher(BatcherLifecycle[T, R]):
         self._depth_changed()
         self._available.set()
         return entries
+
+    def check_admission(self, count: int = 1) -> None:
+        """Raise now the ``QueueFullError`` or ``QueueWaitError`` that ``submit_many`` of ``count`` items would:
+        a caller may refuse a request before reading and decoding it."""
+        if self._started and not self._closing:
+            self._refuse_if_full(count, time.monotonic())
+
+    def expected_wait_s(self) -> float | None:
+        """How long a normal request arriving now would wait for its batch to start; None before any batch ran.
+
+        The queued images ahead, and half of those running, each at the recent run time per image (a batch's
+        run time over its size, divided by the batches running beside it: the model's aggregate rate)."""
+        if self._per_image_s is None:
+            return None
+        return (len(self._queue) + self._in_flight / 2) * self._per_image_s
+
+    def _refuse_if_full(self, count: int, now: float) -> None:
+        if count > self._max_queue_size:
+            raise QueueFullError(
+                f"{self._label}: {count} items can never fit a queue of max_queue_size={self._max_queue_size}"
+            )
+        if len(self._queue) + count > self._max_queue_size:
+            self._expire_queued(now)
+            if len(self._queue) + count > self._max_queue_size:
+                raise QueueFullError(
+                    f"{self._label}: queue full, at its limit of {self._max_queue_size} images "
+                    f"({len(self._queue)} waiting, {count} more requested); retry after a moment"
+                )
+        if self._max_queue_wait_s and self._queue:  # an empty queue always admits: progress, however slow
+            wait = self.expected_wait_s()
+            if wait is not None and wait > self._max_queue_wait_s:
+                raise QueueWaitError(
+                    f"{self._label}: overloaded, a request now would wait about {wait * 1000:.0f} ms for its batch "
+                    f"(limit {self._max_queue_wait_s * 1000:.0f} ms, {len(self._queue)} images queued); retry "
+                    "after a moment"
+                )
+
+    def _observe_run(self, size: int, run_s: float, side_by_side: int) -> None:
+        sample = run_s / size / max(1, side_by_side)
+        # Weighted by images, so a batch of 32 counts more than a lone request; a few batches forget the past.
+        weight = min(1.0, 0.02 * size)
+        self._per_image_s = sample if self._per_image_s is None else self._per_image_s + weight * (
+            sample - self._per_image_s)
 
     def _admit_low(self, items: list[Any], deadline: float | None, now: float) -> list[_Entry]:
         if len(self._queue) >= self._shed_depth or len(self._low) + len(items) > self._max_low_queue_size:
@@ -342,6 +383,7 @@ class Batcher(BatcherLifecycle[T, R]):
         if alone:
             self._alone_done.clear()
         self._running += 1
+        side_by_side = self._running
         self._in_flight += len(batch)
         try:
             outputs, error, run_s = await self._loop.run_in_executor(
@@ -359,6 +401,7 @@ class Batcher(BatcherLifecycle[T, R]):
             if alone:
                 self._alone_done.set()
         if error is None:
+            self._observe_run(len(batch), run_s, side_by_side)
             for entry, output in zip(batch, outputs):
                 entry.state = _State.DONE
                 if not entry.future.done():

@@ -50,6 +50,9 @@ class RemoteBatcher:
             deadline = time.monotonic() + self._client.settings.request_timeout_s
         return await self._client.infer(self._name, self._version, items, deadline, priority == "low")
 
+    def check_admission(self, count: int = 1) -> None:
+        """Admission is the engine's: its batcher refuses a full or too slow queue when the images arrive."""
+
     async def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Nothing to close here: the engine owns the batcher."""
 

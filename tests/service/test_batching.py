@@ -16,6 +16,7 @@ from service.errors import (
     InferenceError,
     ModelClosedError,
     QueueFullError,
+    QueueWaitError,
     ServiceError,
     ShedError,
 )
@@ -243,6 +244,73 @@ async def test_queue_full_rejects_at_once_and_service_continues():
         assert await asyncio.gather(held, *queued) == [HOLD * 2, 2, 4]
         assert await batcher.submit(4) == 8
     assert 3 not in engine.seen
+
+
+class SlowEngine:
+    """Takes ``per_image_s`` per item, like a model on a busy machine."""
+
+    def __init__(self, per_image_s: float) -> None:
+        self.per_image_s = per_image_s
+
+    def __call__(self, items: list[int]) -> list[int]:
+        time.sleep(self.per_image_s * len(items))
+        return [x * 2 for x in items]
+
+
+async def test_a_queue_that_would_wait_too_long_refuses_at_once_and_admits_again_once_drained():
+    engine = SlowEngine(0.01)  # 10 ms per image
+    async with running(FakeEngine(), engine, max_batch_size=4, max_queue_size=1000,
+                       max_queue_wait_ms=100) as batcher:
+        assert batcher.expected_wait_s() is None  # nothing ran yet: only the count bound applies
+        assert await batcher.submit(1) == 2
+        assert batcher.expected_wait_s() == pytest.approx(0.0)  # learned 10 ms per image, nothing ahead
+        # 100 ms of work queued at 10 ms per image is the limit: about 10 of 40 are admitted, the rest refused.
+        tasks = spawn(batcher, range(40))
+        await asyncio.sleep(0)  # each task has been admitted or refused; no batch has been taken yet
+        assert 5 <= sum(not t.done() for t in tasks) <= 12  # the refused ones were answered at once
+        wait = batcher.expected_wait_s()
+        assert wait == pytest.approx((batcher.queue_depth + batcher.in_flight / 2) * 0.01, rel=0.5)
+        with pytest.raises(QueueWaitError, match=r"would wait about \d+ ms .*limit 100 ms") as refused:
+            batcher.check_admission()
+        assert refused.value.status_code == 503 and refused.value.code == "overloaded"
+        assert refused.value.headers["Retry-After"] == "1"
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        admitted = [(x, r) for x, r in zip(range(40), results) if not isinstance(r, Exception)]
+        assert all(isinstance(r, QueueWaitError) for r in results if isinstance(r, Exception))
+        assert 5 <= len(admitted) <= 16, len(admitted)
+        assert all(r == 2 * x for x, r in admitted)  # the admitted ones all ran
+        batcher.check_admission()  # drained: admits again
+        assert await batcher.submit(5) == 10
+
+
+async def test_an_empty_queue_admits_however_slow_the_model():
+    """Progress: a model slower than the limit per batch still takes one request at a time."""
+    async with running(FakeEngine(), SlowEngine(0.05), max_batch_size=4, max_queue_wait_ms=10) as batcher:
+        assert await batcher.submit(1) == 2
+        first = asyncio.create_task(batcher.submit_many([1, 2, 3, 4]))
+        await eventually(lambda: batcher.in_flight == 4)
+        assert batcher.expected_wait_s() > 0.01  # the running batch alone is over the limit
+        second = asyncio.create_task(batcher.submit(7))  # the queue is empty: admitted
+        await eventually(lambda: batcher.queue_depth == 1)
+        with pytest.raises(QueueWaitError):
+            await batcher.submit(8)
+        assert await first == [2, 4, 6, 8] and await second == 14
+
+
+async def test_without_a_wait_limit_only_the_count_bounds_the_queue():
+    async with running(FakeEngine(), SlowEngine(0.01), max_batch_size=4, max_queue_size=1000) as batcher:
+        await batcher.submit(1)
+        tasks = spawn(batcher, range(60))
+        await eventually(lambda: batcher.queue_depth > 20)
+        batcher.check_admission()
+        assert await batcher.submit(3) == 6
+        await asyncio.gather(*tasks)
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "5"])
+def test_max_queue_wait_ms_is_checked(bad):
+    with pytest.raises(ValueError, match="max_queue_wait_ms"):
+        Batcher(FakeEngine(), max_batch_size=1, max_queue_size=1, max_queue_wait_ms=bad)
 
 
 async def test_deadline_passing_while_queued_fails_without_running():

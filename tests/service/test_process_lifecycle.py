@@ -58,6 +58,34 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(exported_repo):
         assert counter(url, "archserve_requests_total", code=503) == 21
 
 
+@pytest.mark.parametrize("max_queue_wait_ms", [100, 0])
+def test_a_queue_too_slow_to_drain_in_time_refuses_at_arrival(exported_repo, max_queue_wait_ms):
+    """32 requests at once, one batch at a time: with a queue-wait limit of 100 ms, what would wait longer
+    (a few images' run time) is answered 503 at once; with none (0), the count bound alone admits them all to
+    wait seconds."""
+    with running_server(device="cpu", models_dir=exported_repo, max_batch_size=4, cpu_lanes=1, warmup=False,
+                        max_queue_wait_ms=max_queue_wait_ms) as (url, app):
+        batcher = app.state.archserve.models.get("resnet18").batcher
+        for _ in range(2):  # the run time per image is learned from batches
+            assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
+        responses = asyncio.run(_burst(url, 32, jpeg()))
+        codes = [r.status_code for r in responses]
+        if not max_queue_wait_ms:
+            assert codes == [200] * 32
+            return
+        refused = [r for r in responses if r.status_code == 503]
+        assert 8 <= len(refused) <= 30 and codes.count(200) == 32 - len(refused), codes
+        for r in refused:
+            assert r.json()["code"] == "overloaded" and r.headers["Retry-After"] == "1"
+            assert "would wait about" in r.json()["error"]
+        # Refused at arrival, before decoding: faster than any admitted request waited for its answer.
+        slowest_refusal = max(r.elapsed.total_seconds() for r in refused)
+        slowest_answer = max(r.elapsed.total_seconds() for r in responses if r.status_code == 200)
+        assert slowest_refusal < slowest_answer
+        assert batcher.expected_wait_s() is not None
+        assert httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60).status_code == 200
+
+
 def test_deadline_exceeded_is_504_and_the_server_keeps_serving(exported_repo):
     with running_server(models_dir=exported_repo, request_timeout_s=0.001, warmup=False) as (url, app):
         response = httpx.post(f"{url}/classify/resnet18", content=jpeg(), timeout=60)
