@@ -60,6 +60,12 @@ class QueueFullError(ServiceUnavailableError):
     code = "queue_full"
 
 
+class ShuttingDownError(ServiceUnavailableError):
+    """The server is shutting down: new requests, and those still running when the grace period ends."""
+
+    code = "shutting_down"
+
+
 class QueueWaitError(QueueFullError):
     """The queue would keep the request waiting longer than ``max_queue_wait_ms``: refused at arrival."""
 

@@ -22,7 +22,9 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 
-from .errors import ClientGoneError, DeadlineExceededError, NotFoundError, ServiceError, ServiceUnavailableError
+from .errors import (
+    ClientGoneError, DeadlineExceededError, NotFoundError, ServiceError, ServiceUnavailableError, ShuttingDownError,
+)
 from .experiments import ab
 from .images.preprocess import decode_for
 from .metrics import UNKNOWN_MODEL
@@ -186,7 +188,7 @@ async def serve(
 
 def require_ready(state: AppState) -> None:
     if state.shutting_down:
-        raise ServiceUnavailableError("the server is shutting down; retry on another replica", retry_after_s=1)
+        raise ShuttingDownError("the server is shutting down; retry on another replica", retry_after_s=1)
     if not state.ready:
         raise ServiceUnavailableError(f"the server is not ready: {state.reason}", retry_after_s=5)
 
