@@ -1,24 +1,19 @@
 """Dynamic batching: single requests in, model-sized batches out.
 
-Requests wait in one bounded FIFO queue. Each of ``instances`` worker tasks
-takes, as soon as it is free, everything waiting (up to ``max_batch_size``)
-and runs ``run_batch`` on it in that worker's own thread, so the event loop
-never blocks. At low load a request waits for nobody; under load batches fill
-by themselves (MLServer's adaptive batcher, Triton's dynamic batcher). With
-``max_queue_delay_ms`` > 0, a free worker holding a partial batch waits until
-the oldest waiting item has been queued that long, or the batch is full.
+Requests wait in one bounded FIFO queue. Each of ``instances`` worker tasks takes, as soon as it is free,
+everything waiting (up to ``max_batch_size``) and runs ``run_batch`` on it in that worker's own thread, so the
+event loop never blocks. At low load a request waits for nobody; under load batches fill by themselves
+(MLServer's adaptive batcher, Triton's dynamic batcher). With ``max_queue_delay_ms`` > 0, a free worker holding
+a partial batch waits until the oldest waiting item has been queued that long, or the batch is full.
 
-Admission never waits: a full queue raises ``QueueFullError`` at once, and
-so does a queue that would keep the request waiting longer than
-``max_queue_wait_ms`` (``QueueWaitError``): the wait is estimated from the
-images ahead and the recent run time per image, so overload is refused at
-arrival instead of admitted to wait for seconds. A
-request's absolute ``time.monotonic()`` deadline removes it from the queue if
-it passes there, and fails it with ``DeadlineExceededError`` if it passes while
-its batch runs (the late result is dropped); a cancelled caller's queued item
-is removed too. Nothing here knows of HTTP or of the model runtime; the errors
-come from ``service.errors``, each carrying the status a caller answers with.
-Settings, ``start`` and ``close`` are in ``batcher_lifecycle``.
+Admission never waits: a full queue raises ``QueueFullError`` at once, and so does one that would keep the
+request longer than ``max_queue_wait_ms`` (``QueueWaitError``, from the images ahead and the recent run time
+per image): overload is refused at arrival, not admitted to wait for seconds. A request's absolute
+``time.monotonic()`` deadline removes it from the queue if it passes there, and fails it with
+``DeadlineExceededError`` if it passes while its batch runs (the late result is dropped); a cancelled caller's
+queued item is removed too. Nothing here knows of HTTP or of the model runtime; the errors come from
+``service.errors``, each carrying its status. Settings, ``start`` and ``close`` are in ``batcher_lifecycle``;
+the low-priority lane (shadows) in ``low_lane``.
 """
 
 from __future__ import annotations
@@ -32,10 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import (
-    DeadlineExceededError, InferenceError, ModelClosedError, QueueFullError, QueueWaitError, ShedError,
-)
+from ..errors import DeadlineExceededError, InferenceError, ModelClosedError, QueueFullError, QueueWaitError
 from .batcher_lifecycle import BatcherLifecycle, R, T
+from .low_lane import LowPriorityLane
 
 __all__ = [
     "BatchStats",
@@ -72,19 +66,16 @@ class _Entry:
     request: int = 0  # one number per submit / submit_many call
 
 
-class Batcher(BatcherLifecycle[T, R]):
+class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
     """Groups concurrent ``submit`` calls into calls of ``run_batch`` (its settings: ``BatcherLifecycle``).
 
-    Low-priority items (``priority="low"``, shadow traffic) wait in a second queue and fill what normal items
-    leave of a batch; they are shed first (refused, or dropped from their queue) once ``shed_depth`` normal
-    items wait, and never take a normal item's place.
-
+    Low-priority items (``priority="low"``, shadows) fill what normal items leave of a batch (``low_lane``).
     A batch whose items all come from one ``submit`` call, dispatched while no other batch runs and nothing
     else waits, goes to ``run_alone`` (if given) and no other batch is dispatched until it ends: it may use
-    the whole machine (onnxruntime on all the cores), where ``run_batch`` runs beside other batches on a
-    share of the cores each. Low load gets the latency of the whole machine; under load, batches run side
-    by side.
+    the whole machine, where ``run_batch`` runs beside other batches on a share of the cores each.
     """
+
+    _new_entry = _Entry
 
     @property
     def queue_depth(self) -> int:  # items admitted and waiting for dispatch, both priorities
@@ -132,10 +123,7 @@ class Batcher(BatcherLifecycle[T, R]):
             self._direct.discard(future)
             if not future.cancelled() and future.exception() is None:  # prepared: a batch of one ran
                 _, error, run_s = future.result()
-                if error is None:
-                    self._observe_run(1, run_s, 1)
-                self._notify(self._on_batch, BatchStats(1, [0.0], run_s, error is None, run is self._run_alone),
-                             "on_batch")
+                self._batch_ran(BatchStats(1, [0.0], run_s, error is None, run is self._run_alone), 1)
 
         future = self._loop.run_in_executor(self._executors[0], lambda: self._timed_run(run, [prepare()]))
         self._direct.add(future)
@@ -177,25 +165,21 @@ class Batcher(BatcherLifecycle[T, R]):
         return entries
 
     def check_admission(self, count: int = 1) -> None:
-        """Raise now the ``QueueFullError`` or ``QueueWaitError`` that ``submit_many`` of ``count`` items would:
-        a caller may refuse a request before reading and decoding it."""
+        """Raise now what ``submit_many`` of ``count`` items would for a full or too slow queue, so that a caller
+        can refuse a request before reading and decoding it."""
         if self._started and not self._closing:
             self._refuse_if_full(count, time.monotonic())
 
     def expected_wait_s(self) -> float | None:
-        """How long a normal request arriving now would wait for its batch to start; None before any batch ran.
-
-        The queued images ahead, and half of those running, each at the recent run time per image (a batch's
-        run time over its size, divided by the batches running beside it: the model's aggregate rate)."""
+        """The wait of a request arriving now: the images queued ahead and half of those running, at the recent
+        run time per image (per batch running beside it: the model's rate); None before any batch ran."""
         if self._per_image_s is None:
             return None
         return (len(self._queue) + self._in_flight / 2) * self._per_image_s
 
     def _refuse_if_full(self, count: int, now: float) -> None:
         if count > self._max_queue_size:
-            raise QueueFullError(
-                f"{self._label}: {count} items can never fit a queue of max_queue_size={self._max_queue_size}"
-            )
+            raise QueueFullError(f"{self._label}: {count} items can never fit max_queue_size={self._max_queue_size}")
         if len(self._queue) + count > self._max_queue_size:
             self._expire_queued(now)
             if len(self._queue) + count > self._max_queue_size:
@@ -203,45 +187,20 @@ class Batcher(BatcherLifecycle[T, R]):
                     f"{self._label}: queue full, at its limit of {self._max_queue_size} images "
                     f"({len(self._queue)} waiting, {count} more requested); retry after a moment"
                 )
-        if self._max_queue_wait_s and self._queue:  # an empty queue always admits: progress, however slow
-            wait = self.expected_wait_s()
-            if wait is not None and wait > self._max_queue_wait_s:
-                raise QueueWaitError(
-                    f"{self._label}: overloaded, a request now would wait about {wait * 1000:.0f} ms for its batch "
-                    f"(limit {self._max_queue_wait_s * 1000:.0f} ms, {len(self._queue)} images queued); retry "
-                    "after a moment"
-                )
-
-    def _observe_run(self, size: int, run_s: float, side_by_side: int) -> None:
-        sample = run_s / size / max(1, side_by_side)
-        # Weighted by images, so a batch of 32 counts more than a lone request; a few batches forget the past.
-        weight = min(1.0, 0.02 * size)
-        self._per_image_s = sample if self._per_image_s is None else self._per_image_s + weight * (
-            sample - self._per_image_s)
-
-    def _admit_low(self, items: list[Any], deadline: float | None, now: float) -> list[_Entry]:
-        if len(self._queue) >= self._shed_depth or len(self._low) + len(items) > self._max_low_queue_size:
-            self._notify(self._on_shed, len(items), "on_shed")
-            raise ShedError(
-                f"{self._label}: low-priority work shed ({len(self._queue)} normal and {len(self._low)} "
-                f"low-priority items waiting)"
+        # An empty queue always admits: a model slower than the bound per batch still makes progress.
+        wait = self.expected_wait_s() if self._max_queue_wait_s and self._queue else None
+        if wait is not None and wait > self._max_queue_wait_s:
+            raise QueueWaitError(
+                f"{self._label}: overloaded, a request now would wait about {wait * 1000:.0f} ms for its batch "
+                f"(limit {self._max_queue_wait_s * 1000:.0f} ms, {len(self._queue)} images queued); retry soon"
             )
-        assert self._loop is not None and self._available is not None
-        request = next(self._requests)
-        entries = [_Entry(item, self._loop.create_future(), deadline, now, low=True, request=request)
-                   for item in items]
-        self._low.extend(entries)
-        self._depth_changed()
-        self._available.set()
-        return entries
 
-    def _shed_low(self, reason: str) -> None:
-        shed = list(self._low)
-        self._low.clear()
-        for entry in shed:
-            self._fail(entry, ShedError(f"{self._label}: low-priority work shed: {reason}"))
-        if shed:
-            self._notify(self._on_shed, len(shed), "on_shed")
+    def _batch_ran(self, stats: BatchStats, side_by_side: int) -> None:
+        if stats.ok:  # the run time per image, weighted by images: a few batches forget the past
+            sample, weight = stats.run_s / stats.size / max(1, side_by_side), min(1.0, 0.02 * stats.size)
+            self._per_image_s = sample if self._per_image_s is None else (
+                self._per_image_s + weight * (sample - self._per_image_s))
+        self._notify(self._on_batch, stats, "on_batch")
 
     async def _wait(self, entries: list[_Entry], deadline: float | None) -> list[Any]:
         futures = [e.future for e in entries]
@@ -401,7 +360,6 @@ class Batcher(BatcherLifecycle[T, R]):
             if alone:
                 self._alone_done.set()
         if error is None:
-            self._observe_run(len(batch), run_s, side_by_side)
             for entry, output in zip(batch, outputs):
                 entry.state = _State.DONE
                 if not entry.future.done():
@@ -411,7 +369,7 @@ class Batcher(BatcherLifecycle[T, R]):
                 failure = InferenceError(f"inference failed for {self._label} (a batch of {len(batch)}): {error}")
                 failure.__cause__ = error
                 self._fail(entry, failure)
-        self._notify(self._on_batch, BatchStats(len(batch), waits, run_s, error is None, alone), "on_batch")
+        self._batch_ran(BatchStats(len(batch), waits, run_s, error is None, alone), side_by_side)
 
     @staticmethod
     def _timed_run(run: Callable[[list[Any]], Sequence[Any]], items: list[Any]) -> tuple[Any, Exception | None, float]:
