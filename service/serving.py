@@ -22,6 +22,8 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 
+from modelrepo.layout import is_version_name
+
 from .errors import (
     ClientGoneError, DeadlineExceededError, NotFoundError, ServiceError, ServiceUnavailableError, ShuttingDownError,
 )
@@ -206,7 +208,7 @@ def lookup(state: AppState, name: str, version: int | str | None = None) -> Serv
 
 def _lookup(state: AppState, name: str, version: int | str | None) -> ServedModel:
     if isinstance(version, str):
-        if not version.isascii() or not version.isdigit() or version.startswith("0"):
+        if not is_version_name(version):  # the repository's own rule for version folders
             state.models.get(name)  # an unknown model says so first
             served = ", ".join(map(str, sorted(state.models.versions(name))))
             raise NotFoundError(

@@ -31,6 +31,15 @@ def require_admin(request: Request) -> None:
         raise UnauthorizedError("this endpoint needs 'Authorization: Bearer <admin token>'")
 
 
+def is_admin(request: Request) -> bool:
+    """Whether the request carries the admin token. No Authorization header: False; a header that fails
+    ``require_admin`` is refused (401 or 403) rather than served the public answer in silence."""
+    if "authorization" not in request.headers:
+        return False
+    require_admin(request)
+    return True
+
+
 class SeveralWorkersError(ServiceError):
     status_code = 409
     code = "several_workers"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BeforeValidator
 
 from ..errors import BadRequestError
 from ..images.preprocess import ALLOWED_MEDIA_TYPES
@@ -28,21 +31,30 @@ _BODY_DOC = {
 }
 
 
+def _whole_number(value):
+    # Without this pydantic's lax mode would take "5.0" (and " 5") for 5.
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number, e.g. top_k=5")
+    return value
+
+
+TopK = Annotated[int, Query(alias="top_k", ge=1, le=1000), BeforeValidator(_whole_number)]
+
+
 @router.post("/classify/{model}", openapi_extra=_BODY_DOC, summary="Classify images with the latest served version")
-async def classify(request: Request, model: str, top_k_: int = Query(5, alias="top_k", ge=1, le=1000)):
+async def classify(request: Request, model: str, top_k_: TopK = 5):
     return await _classify(request, model, None, top_k_)
 
 
 @router.post(
     "/classify/{model}/versions/{version}", openapi_extra=_BODY_DOC, summary="Classify images with one version"
 )
-async def classify_version(
-    request: Request, model: str, version: int, top_k_: int = Query(5, alias="top_k", ge=1, le=1000)
-):
+async def classify_version(request: Request, model: str, version: str, top_k_: TopK = 5):
+    # The version stays text: serve() takes only its canonical form ("1", not "1.0" or "01"), as v2 does.
     return await _classify(request, model, version, top_k_)
 
 
-async def _classify(request: Request, name: str, version: int | None, k: int) -> JSONResponse:
+async def _classify(request: Request, name: str, version: str | None, k: int) -> JSONResponse:
     async def read(call: Call) -> list[ImagePart]:
         settings = call.state.settings
         return await read_images(request, settings.max_body_bytes, settings.max_images_per_request)

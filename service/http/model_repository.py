@@ -6,18 +6,28 @@ from fastapi import APIRouter, Request
 
 from ..models.lifecycle import Lifecycle
 from ..split.client import RemoteLifecycle
-from .admin import RESTART_HINT, require_admin, require_single_worker
+from .admin import RESTART_HINT, is_admin, require_admin, require_single_worker
 
 router = APIRouter(tags=["model repository"])
+# What anyone may see of the index; paths and load errors (which quote paths and library internals) need the token.
+_PUBLIC_FIELDS = ("name", "version", "state")
 
 
 def _lifecycle(request: Request) -> Lifecycle | RemoteLifecycle:
     return request.app.state.lifecycle
 
 
-@router.post("/v2/repository/index", summary="Every model version in the repository and its state")
+@router.post(
+    "/v2/repository/index",
+    summary="Every model version in the repository and its state (with the admin token: its path and why it "
+    "is not loaded)",
+)
 async def index(request: Request) -> list[dict]:
-    return await _lifecycle(request).repository_index()
+    admin = is_admin(request)  # a bad token is refused before any work
+    entries = await _lifecycle(request).repository_index()
+    if admin:
+        return entries
+    return [{key: entry[key] for key in _PUBLIC_FIELDS if key in entry} for entry in entries]
 
 
 @router.post("/v2/repository/models/{model}/load", summary="Load (or reload) a model (admin token required)")

@@ -147,10 +147,11 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         header_length = request.headers.get(codec.HEADER_LENGTH)
         args = (body, header_length, model_io(call.served), settings.max_images_per_request, settings.max_body_bytes)
         # Off the loop only when there is much JSON to parse: the decode pool may be busy with JPEGs,
-        # and raw pixels sent as binary data cost nothing to parse.
+        # and raw pixels sent as binary data cost nothing to parse. A thread alone would not do: json.loads
+        # holds the GIL to its end, hence share_gil.
         if _json_bytes(body, header_length) > _PARSE_INLINE_BYTES:
             return await asyncio.get_running_loop().run_in_executor(
-                call.state.decode_pool, lambda: codec.parse_infer_request(*args)
+                call.state.decode_pool, lambda: codec.parse_infer_request(*args, share_gil=True)
             )
         return codec.parse_infer_request(*args)
 

@@ -15,41 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelrepo.layout import list_model_names, list_versions
 from modelrepo.manifest import MANIFEST_FILENAME
 
 from ..errors import BadRequestError, NotFoundError
 from .memory import resident_bytes, trim_heap
+from .repository import Repository
 from .served import ServedModel, load_model
 from ..state import AppState
 
 log = logging.getLogger(__name__)
-_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 
 
 class BrokenModelError(BadRequestError):
     code = "model_load_failed"
-
-
-def resolve_model_dir(repository: Path, name: str) -> Path:
-    """The folder of model ``name``, refusing anything that is not a plain folder inside the repository."""
-    if not _MODEL_NAME.match(name) or ".." in name:
-        raise BadRequestError(
-            f"{name!r} is not a model name: use lowercase letters, digits, '_', '.' and '-' (no paths)"
-        )
-    root = repository.resolve()
-    folder = repository / name
-    if not folder.exists():
-        known = ", ".join(list_model_names(repository)) or "none"
-        raise NotFoundError(f"model {name!r} is not in the repository; it holds: {known}")
-    resolved = folder.resolve()
-    if resolved.parent != root:
-        raise BadRequestError(f"model folder {name!r} points outside the repository; refusing to load it")
-    return resolved
 
 
 def _fingerprint(version_dir: Path) -> tuple:
@@ -89,11 +70,13 @@ class Lifecycle:
 
     async def load(self, name: str, *, explicit: bool = True) -> list[ServedModel]:
         """(Re)load what should be served of ``name``; returns the versions newly loaded."""
-        repository = self.state.settings.models_dir
-        folder = resolve_model_dir(repository, name)
-        on_disk = list_versions(folder)
+        repository = Repository(self.state.settings)
+        folder = repository.model_dir(name)
+        on_disk = repository.versions(name)
         if not on_disk:
-            raise NotFoundError(f"model {name!r} has no published version in {repository}/")
+            raise NotFoundError(
+                f"model {name!r} has no published version in {repository.root}/{repository.refused_note()}"
+            )
         async with self.lock:
             if explicit:
                 self.unloaded.discard(name)
@@ -141,7 +124,7 @@ class Lifecycle:
             return newly
 
     async def unload(self, name: str) -> list[int]:
-        resolve_model_dir(self.state.settings.models_dir, name)
+        Repository(self.state.settings).model_dir(name)
         async with self.lock:
             served = list(self.state.models.versions(name).values())
             if not served:
@@ -175,8 +158,7 @@ class Lifecycle:
                 log.info("released %s: resident memory %d -> %d MiB", label, before >> 20, after >> 20)
 
     async def poll_once(self) -> None:
-        repository = self.state.settings.models_dir
-        selected = set(self._pinned()) or set(list_model_names(repository))
+        selected = set(self._pinned()) or set(Repository(self.state.settings).model_names())
         for name in sorted(selected - self.unloaded):
             try:
                 await self.load(name, explicit=False)
@@ -200,12 +182,12 @@ class Lifecycle:
 
     def index(self) -> list[dict]:
         """Every model version in the repository and whether it is served (Triton's repository index)."""
-        repository = self.state.settings.models_dir
+        repository = Repository(self.state.settings)
         entries = []
-        for name in list_model_names(repository):
+        for name in repository.model_names():
             served = self.state.models.versions(name)
-            for version in list_versions(repository / name):
-                entry = {"name": name, "version": str(version)}
+            for version in repository.versions(name):
+                entry = {"name": name, "version": str(version), "path": str(repository.root / name / str(version))}
                 if version in served:
                     entry["state"] = "READY"
                 else:

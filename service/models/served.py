@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from modelrepo.layout import list_model_names, list_versions
 from modelrepo.manifest import Manifest, load_manifest
 
 from ..errors import NotFoundError
@@ -19,6 +18,7 @@ from ..settings import Settings
 from .batching import BatchStats, Batcher
 from .engine import CUDA, EngineConfig, ModelLoadError, OnnxEngine, batch_runner, null_runner, verify_files
 from .placement import place
+from .repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +107,27 @@ def _parse_selection(entries: list[str]) -> dict[str, int | None]:
 
 def plan_versions(settings: Settings) -> list[tuple[str, int]]:
     """Which (model, version) pairs to serve, or an error that says what is wrong."""
+    repository = Repository(settings)
     root = settings.models_dir
-    available = list_model_names(root)
+    available = repository.model_names()
     if not available:
         raise ModelLoadError(
             f"no models in {root}/: export some first (`make models` or "
-            f"`python -m export --models resnet18 --out {root}`)"
+            f"`python -m export --models resnet18 --out {root}`){repository.refused_note()}"
         )
     selection = _parse_selection(settings.models) or {name: None for name in available}
     plan = []
     for name, pinned in selection.items():
-        versions = list_versions(root / name)
+        versions = repository.versions(name) if name in available else []
         if not versions:
-            raise ModelLoadError(f"model {name!r} is not in {root}/; it holds: {', '.join(available)}")
+            raise ModelLoadError(
+                f"model {name!r} is not in {root}/; it holds: {', '.join(available)}{repository.refused_note()}"
+            )
         if pinned is not None:
             if pinned not in versions:
                 raise ModelLoadError(
                     f"model {name!r} has no version {pinned} in {root}/; versions: {', '.join(map(str, versions))}"
+                    f"{repository.refused_note()}"
                 )
             plan.append((name, pinned))
         elif settings.version_policy == "all":
@@ -135,7 +139,7 @@ def plan_versions(settings: Settings) -> list[tuple[str, int]]:
 
 def load_model(name: str, version: int, settings: Settings, metrics: Metrics) -> ServedModel:
     """Read and verify a version folder, open its engine, place it (``placement``) and give it a batcher."""
-    path = settings.models_dir / name / str(version)
+    path = Repository(settings).version_dir(name, version)
     try:
         manifest = load_manifest(path)
     except Exception as exc:
@@ -168,6 +172,7 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         max_queue_size=settings.max_queue_size,
         instances=placed.instances,
         max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_queue_wait_ms=settings.max_queue_wait_ms,
         name=f"{name}/{version}",
         on_batch=_batch_observer(metrics, *labels),
         on_queue_depth=metrics.queue_depth.labels(*labels).set,

@@ -21,17 +21,20 @@ _DIGITS = re.compile(r"^[0-9]{1,18}$")
 
 
 def parse_infer_request(
-    body: bytes, header_length: str | None, model: ModelIO, max_images: int, max_body_bytes: int | None = None
+    body: bytes, header_length: str | None, model: ModelIO, max_images: int, max_body_bytes: int | None = None,
+    *, share_gil: bool = False,
 ) -> InferRequest:
     """Validate and decode one inference request body (the whole body, already size-limited).
 
     ``header_length`` is the Inference-Header-Content-Length header's value, if any;
     ``max_images`` bounds the batch dimension and ``max_body_bytes`` the pixels' size.
+    ``share_gil``: parsed in a thread beside the event loop, so let it have the GIL between numbers
+    (``_int_sharing_the_gil``); slower, so only for large bodies.
     """
     if not body:
         raise BadRequestError("the request has no body; send the inference request JSON")
     json_part, binary = _split_body(body, header_length)
-    document = _load_json(json_part, header_length is not None)
+    document = _load_json(json_part, header_length is not None, share_gil)
     if not isinstance(document, dict):
         raise BadRequestError(f"the inference request must be a JSON object, got {_json_type(document)}")
     request_id = document.get("id")
@@ -79,8 +82,22 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a valid JSON number; tensor data must be finite numbers")
 
 
-def _load_json(data: bytes | memoryview, has_header: bool):
+_SMALL_INTS = {str(i): i for i in range(256)}
+_CHUNK = 1 << 16  # elements handled per C call below: each holds the GIL for a few ms at most
+
+
+def _int_sharing_the_gil(text: str, _small=_SMALL_INTS) -> int:
+    """json's ``parse_int`` for bodies parsed off the event loop. ``json.loads`` is one C call that holds the
+    GIL to the end (about 0.3 s for 20 MB of pixels): in another thread it would still stall the loop. A hook
+    in Python gives the interpreter a point to hand the GIL over at every number."""
+    value = _small.get(text)
+    return int(text) if value is None else value
+
+
+def _load_json(data: bytes | memoryview, has_header: bool, share_gil: bool = False):
     try:
+        if share_gil:
+            return json.loads(bytes(data), parse_constant=_reject_constant, parse_int=_int_sharing_the_gil)
         return json.loads(bytes(data), parse_constant=_reject_constant)
     except RecursionError:
         raise BadRequestError("the inference request JSON is nested too deeply") from None
@@ -268,7 +285,10 @@ def _flatten(data, where: str) -> list:
     while flat and type(flat[0]) is list:
         if any(type(item) is not list for item in flat):
             raise BadRequestError(f"{where}: 'data' mixes arrays and scalars at the same level")
-        flat = list(chain.from_iterable(flat))
+        level: list = []
+        for start in range(0, len(flat), _CHUNK // 4):  # in pieces: see _CHUNK
+            level.extend(chain.from_iterable(flat[start:start + _CHUNK // 4]))
+        flat = level
     return flat
 
 
@@ -280,15 +300,19 @@ def _element_count_check(flat: list, shape: tuple[int, ...], where: str) -> None
 
 def _pixels_from_json(flat: list, shape: tuple[int, ...], where: str) -> np.ndarray:
     _element_count_check(flat, shape, where)
-    if flat and set(map(type, flat)) != {int}:
-        bad = next(v for v in flat if type(v) is not int)
-        raise BadRequestError(f"{where}: UINT8 data must be integers from 0 to 255, got {_json_type(bad)}")
-    low, high = min(flat), max(flat)
-    if low < 0 or high > 255:
-        raise BadRequestError(
-            f"{where}: UINT8 data must be integers from 0 to 255, got {low if low < 0 else high}"
-        )
-    return np.array(flat, dtype=np.uint8).reshape(shape)
+    pixels = np.empty(len(flat), dtype=np.uint8)
+    for start in range(0, len(flat), _CHUNK):  # in pieces: see _CHUNK
+        part = flat[start:start + _CHUNK]
+        if set(map(type, part)) != {int}:
+            bad = next(v for v in part if type(v) is not int)
+            raise BadRequestError(f"{where}: UINT8 data must be integers from 0 to 255, got {_json_type(bad)}")
+        low, high = min(part), max(part)
+        if low < 0 or high > 255:
+            raise BadRequestError(
+                f"{where}: UINT8 data must be integers from 0 to 255, got {low if low < 0 else high}"
+            )
+        pixels[start:start + len(part)] = part
+    return pixels.reshape(shape)
 
 
 def _bytes_from_json(flat: list, count: int, where: str) -> tuple[bytes, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import math
 import os
@@ -219,11 +220,12 @@ def _chunks(data: bytes, size: int = 65536):
         (dict(content=jpeg(2400, 1800, quality=20)), 413, "image_too_large", "over the limit of 4000000"),
         (dict(path="/classify/resnet18?top_k=0"), 400, "bad_request", "top_k"),
         (dict(path="/classify/resnet18?top_k=many"), 400, "bad_request", "top_k"),
+        (dict(path="/classify/resnet18?top_k=5.0"), 400, "bad_request", "top_k: Value error, must be a whole number"),
         (dict(files=[("f", ("a.txt", b"x", "text/plain"))] * 9), 400, "bad_request", "multipart"),
         (dict(files={"field": (None, "just text")}), 400, "bad_request", "no files"),
     ],
     ids=["unknown-model", "unknown-version", "not-image", "truncated", "empty", "text-type", "pdf",
-         "too-large-declared", "too-large-chunked", "too-many-pixels", "top-k-zero", "top-k-text",
+         "too-large-declared", "too-large-chunked", "too-many-pixels", "top-k-zero", "top-k-text", "top-k-float",
          "too-many-files", "multipart-no-file"],
 )
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(url, request_kwargs, status, code, message):
@@ -237,6 +239,23 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(url, request
     assert body["code"] == code and message in body["error"], body
     follow_up = httpx.post(f"{url}/classify/resnet18", content=jpeg(seed=1), timeout=60)
     assert follow_up.status_code == 200
+
+
+@pytest.mark.parametrize("version", ["1.0", "%201", "01", "0", "-1", "+1", "1%20", "%EF%BC%91", "1e0"])
+def test_a_version_segment_is_a_canonical_positive_integer_on_every_route(url, version):
+    """Version 1 is served, and written any other way it is not found: on /classify as on the v2 routes."""
+    image = jpeg()
+    v2_body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                           "data": [base64.b64encode(image).decode()]}]}
+    routes = [("post", "/classify/resnet18/versions/{v}", {"content": image}),
+              ("post", "/v2/models/resnet18/versions/{v}/infer", {"json": v2_body}),
+              ("get", "/v2/models/resnet18/versions/{v}", {}),
+              ("get", "/v2/models/resnet18/versions/{v}/ready", {})]
+    for method, path, kwargs in routes:
+        assert httpx.request(method, url + path.format(v="1"), timeout=60, **kwargs).status_code == 200, path
+        response = httpx.request(method, url + path.format(v=version), timeout=60, **kwargs)
+        assert response.status_code == 404, (path, response.text)
+        assert response.json()["code"] == "not_found" and "served versions: 1" in response.json()["error"], path
 
 
 def test_models_endpoints_describe_what_is_served(url):

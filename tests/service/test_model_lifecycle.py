@@ -158,7 +158,7 @@ def test_a_broken_version_never_replaces_the_working_one(repo, damage):
         assert served_versions(url) == [1]
         explicit = httpx.post(f"{url}/v2/repository/models/resnet18/load", headers=AUTH, timeout=60)
         assert explicit.status_code == 400 and "still serving v1" in explicit.json()["error"]
-        index = httpx.post(f"{url}/v2/repository/index").json()
+        index = httpx.post(f"{url}/v2/repository/index", headers=AUTH).json()  # reasons are for the admin
         broken = next(e for e in index if e["version"] == "2")
         assert broken["state"] == "UNAVAILABLE" and broken["reason"]
 

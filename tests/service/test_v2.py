@@ -452,3 +452,47 @@ def test_binary_pixels_and_top_k_answers_skip_the_busy_decode_pool(server, clien
     assert out["shape"] == [MAX_IMAGES, 3]
     expected = session.run(None, {"image": array})[0].argmax(axis=1)
     assert [int(row[0].split(":")[1]) for row in np.asarray(out["data"]).reshape(MAX_IMAGES, 3)] == list(expected)
+
+
+def test_a_large_json_body_is_parsed_without_stalling_the_event_loop(exported_repo, monkeypatch):
+    """JSON pixels (13 MB here) are parsed in the decode pool, and sharing the GIL: json.loads holds it to its
+    end, so a thread alone would still stall the event loop for most of the parse. /health/live, asked again and
+    again meanwhile, answers many times, each within a small part of the parse's time."""
+    import threading
+    import time
+
+    parses = []  # (thread, started, ended) of each parse in the server
+    real = codec.parse_infer_request
+
+    def timed(*args, **kwargs):
+        started = time.monotonic()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            parses.append((threading.current_thread().name, started, time.monotonic()))
+
+    monkeypatch.setattr(codec, "parse_infer_request", timed)
+    array = pixels(24, seed=3)
+    body = json.dumps(uint8_json(array, outputs=[{"name": "logits", "parameters": {"classification": 1}}])).encode()
+    with running_server(device="cpu", models_dir=exported_repo, warmup=False, max_body_bytes=len(body)) as (url, _):
+        answer, probes = {}, []  # probes: (sent, answered)
+
+        def send() -> None:
+            answer["response"] = httpx.post(f"{url}/v2/models/resnet18/infer", content=body, timeout=120,
+                                            headers={"Content-Type": "application/json"})
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        with httpx.Client(base_url=url, timeout=60) as probe:
+            while sender.is_alive():
+                sent = time.monotonic()
+                assert probe.get("/health/live").status_code == 200
+                probes.append((sent, time.monotonic()))
+        sender.join()
+    assert answer["response"].status_code == 200, answer["response"].text
+    ((thread, started, ended),) = parses
+    assert thread.startswith("decode"), thread  # in the pool, not on the event loop's thread
+    during = [answered - sent for sent, answered in probes if sent < ended and answered > started]
+    parse_s = ended - started
+    assert len(during) >= 5, (len(during), parse_s)
+    assert max(during) < parse_s / 5, (max(during), parse_s)
