@@ -12,8 +12,13 @@
 #   ARCHSERVE_PG_DIR   data directory, socket and log  (default /var/tmp/archserve-postgres)
 #
 # The server is for tests only: fsync is off, so a machine crash can lose its data.
-# Stop it with: runuser -u postgres -- /usr/lib/postgresql/*/bin/pg_ctl -D /var/tmp/archserve-postgres/data stop
+#
+#   bash .ci/postgres.sh [start]   set up and start, as above (the default)
+#   bash .ci/postgres.sh stop      stop it (fast: open transactions are rolled back); start brings it back as before
 set -euo pipefail
+
+ACTION="${1:-start}"
+[[ "$ACTION" == start || "$ACTION" == stop ]] || { echo "usage: $0 [start|stop]" >&2; exit 2; }
 
 PORT="${ARCHSERVE_PG_PORT:-55432}"
 BASE="${ARCHSERVE_PG_DIR:-/var/tmp/archserve-postgres}"
@@ -38,6 +43,7 @@ find_bindir() {
 }
 
 BIN="$(find_bindir)"
+[[ -n "$BIN" || "$ACTION" == start ]] || die "PostgreSQL is not installed: nothing to stop"
 if [[ -z "$BIN" ]]; then
     [[ $EUID -eq 0 ]] || die "PostgreSQL is not installed and this is not root; run: sudo apt-get install -y postgresql"
     say "installing Debian's postgresql package"
@@ -57,10 +63,11 @@ if [[ $EUID -eq 0 ]]; then
 else
     as_owner() { "$@"; }
     mkdir -p "$BASE"
+    [[ -O "$BASE" ]] || die "$BASE belongs to $(stat -c %U "$BASE"), not $(id -un): run this as root or as its owner"
 fi
 chmod 700 "$BASE"
 
-if [[ ! -s "$DATA/PG_VERSION" ]]; then
+if [[ "$ACTION" == start && ! -s "$DATA/PG_VERSION" ]]; then
     say "creating a cluster in $DATA"
     rm -rf "$DATA"
     # Local (socket) connections: trust, for this script's setup; TCP: passwords only.
@@ -83,6 +90,16 @@ stale_pidfile() {
     [[ "$state" == Z ]] && return 0
     ! grep -q postgres "/proc/$pid/comm" 2>/dev/null
 }
+
+if [[ "$ACTION" == stop ]]; then
+    if [[ ! -f "$DATA/postmaster.pid" ]] || stale_pidfile; then
+        say "not running ($DATA)"
+        exit 0
+    fi
+    as_owner "$BIN/pg_ctl" -D "$DATA" -w -t 60 stop -m fast >&2 || die "pg_ctl could not stop the server in $DATA"
+    say "stopped"
+    exit 0
+fi
 
 if ours_ready; then
     say "already running ($DATA)"

@@ -127,7 +127,8 @@ def _build_app(settings: Settings) -> FastAPI:
     writer = None
     experiment_metrics.store_up.set(1)
     if store is not None:
-        writer = StoreWriter(store, on_state=lambda up: experiment_metrics.store_up.set(1 if up else 0))
+        writer = StoreWriter(store, on_state=lambda up: experiment_metrics.store_up.set(1 if up else 0),
+                             on_drop=experiment_metrics.store_dropped.inc)
         experiment_metrics.store_up.set(1)
         experiment_metrics.store_pending.set_function(lambda: len(writer.pending))
     app.state.archserve = AppState(

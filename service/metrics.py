@@ -271,3 +271,14 @@ class ExperimentMetrics(LabelledChildren):
             "archserve_store_pending_records", "Prediction records buffered in memory while the store is down.",
             registry=registry, multiprocess_mode="livesum",
         )
+        self.store_dropped = Counter(
+            "archserve_store_dropped_records",
+            "Prediction records dropped, oldest first, because the store was down longer than the buffer lasts.",
+            registry=registry,
+        )
+        self.store_write_wait = Histogram(
+            "archserve_store_write_wait_seconds",
+            "How long each prediction-log write was waited for (a request's, before its answer, or a shadow's); "
+            "bounded: a slower write goes on in the background and its records are buffered.",
+            buckets=STAGE_BUCKETS, registry=registry,
+        )

@@ -125,6 +125,7 @@ class AppState:
         await asyncio.gather(*self.daemons, return_exceptions=True)
         if self.store_writer is not None:
             await self.store_writer.flush()
+            self.store_writer.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         if self.store is not None:
             self.store.close()

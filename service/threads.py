@@ -19,12 +19,13 @@ _PR_SET_NAME = 15  # <linux/prctl.h>
 _PR_GET_NAME = 16
 _NAME_BYTES = 15
 
-__all__ = ["BATCH", "DECODE", "ONNXRUNTIME", "name_os_thread", "os_thread_name"]
+__all__ = ["BATCH", "DECODE", "ONNXRUNTIME", "STORE", "name_os_thread", "os_thread_name"]
 
 # How the server's threads are named (bench.run groups their CPU by these prefixes).
 DECODE = "decode"  # the decode pool: decode_0, decode_1, ...
 BATCH = "batch"  # the threads that call onnxruntime: "batch resnet50/1"
 ONNXRUNTIME = "ort"  # onnxruntime's own intra-op pool: "ort resnet50/1"
+STORE = "store"  # the prediction-log writer's: store_0, store_1, ...
 
 
 def _prctl():

@@ -93,7 +93,10 @@ async def _write(writer: StoreWriter | None, metrics: ExperimentMetrics, records
     """Write to the prediction log; a failing store never fails the request (records are buffered)."""
     if writer is None or not records:
         return
-    if not await writer.write(records):
+    started = time.monotonic()
+    stored = await writer.write(records)
+    metrics.store_write_wait.observe(time.monotonic() - started)
+    if not stored:
         metrics.store_errors.inc()
 
 

@@ -3,8 +3,8 @@
 Several replicas (and worker processes) share one database, so feedback may reach
 another replica than the one that served the request. Each store holds a
 :class:`psycopg_pool.ConnectionPool` (``pool_min``..``pool_max`` connections,
-checked before use so a restarted server costs no failed request) and is safe to
-call from several threads at once.
+checked before use so a restarted server costs no failed request, and reconnected
+within seconds of a lost server's return) and is safe to call from several threads at once.
 
 Consistency: every write is one transaction. ``record`` inserts with
 ``ON CONFLICT DO NOTHING`` (a retried batch does no harm); ``add_feedback`` locks
@@ -53,6 +53,9 @@ _INSERT = f"INSERT INTO predictions ({COLUMNS}) VALUES ({', '.join(['%s'] * N_CO
 _ATTEMPTS = 3  # tries of a write that PostgreSQL rolled back to break a deadlock
 _PRUNE_CHUNK = 5000  # rows deleted per transaction, so other writers wait briefly
 _DAY_S = 86400.0
+# How long the pool tries to reconnect to a lost server (1, 2, 2 s apart) before the next use starts over.
+# psycopg_pool's default backs off for 5 minutes: after a 20 s outage its next try came up to 11 s late.
+_RECONNECT_S = 5.0
 
 
 def _text(value: object, what: str, request_id: object) -> str:
@@ -128,6 +131,7 @@ class PostgresStore(PruneSchedule, ExperimentStore):
             kwargs=connect_kwargs,
             timeout=max(10.0, 2 * self.connect_timeout_s),  # waiting for a free connection
             check=ConnectionPool.check_connection,  # drop connections a server restart broke before using them
+            reconnect_timeout=_RECONNECT_S,
             num_workers=2,
             name=f"archserve-store {self.where}",
             open=False,
@@ -156,7 +160,9 @@ class PostgresStore(PruneSchedule, ExperimentStore):
             return
         for attempt in range(_ATTEMPTS):
             try:
-                with self._connection("record predictions") as conn, conn.transaction(), conn.cursor() as cur:
+                # No longer than the pool's reconnection tries: a writer retrying it then starts new ones.
+                with self._connection("record predictions", _RECONNECT_S) as conn, conn.transaction(), \
+                        conn.cursor() as cur:
                     cur.executemany(_INSERT, rows)
                     inserted = cur.rowcount
                 break
@@ -335,14 +341,16 @@ class PostgresStore(PruneSchedule, ExperimentStore):
             raise StoreError(f"cannot {action}: the experiment store at {self.where} is closed; open a new store")
 
     @contextmanager
-    def _connection(self, action: str) -> Iterator[psycopg.Connection]:
-        """A connection from the pool; PostgreSQL's and the pool's errors become StoreError."""
+    def _connection(self, action: str, timeout: float | None = None) -> Iterator[psycopg.Connection]:
+        """A connection from the pool, waited for at most ``timeout`` (default: the pool's); PostgreSQL's and the
+        pool's errors become StoreError."""
         pool = self._pool
         if pool is None:
             raise StoreError(f"cannot {action}: the experiment store at {self.where} is closed; open a new store")
+        timeout = pool.timeout if timeout is None else timeout
         with translate_errors(action, self.where, self._scrub):
             try:
-                with pool.connection() as conn:
+                with pool.connection(timeout=timeout) as conn:
                     yield conn
             except PoolClosed:
                 raise StoreError(
@@ -350,7 +358,7 @@ class PostgresStore(PruneSchedule, ExperimentStore):
                 ) from None
             except PoolTimeout:
                 raise StoreError(
-                    f"cannot {action}: no connection to PostgreSQL at {self.where} within {pool.timeout:g} s "
+                    f"cannot {action}: no connection to PostgreSQL at {self.where} within {timeout:g} s "
                     "(the server is down or unreachable, or all connections are busy); retry, and check the "
                     "server and ARCHSERVE_STORE_URL"
                 ) from None
