@@ -75,7 +75,7 @@ class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
     the whole machine, where ``run_batch`` runs beside other batches on a share of the cores each.
     """
 
-    _new_entry = _Entry
+    _new_entry = _Entry  # for low_lane
 
     @property
     def queue_depth(self) -> int:  # items admitted and waiting for dispatch, both priorities
@@ -172,10 +172,12 @@ class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
 
     def expected_wait_s(self) -> float | None:
         """The wait of a request arriving now: the images queued ahead and half of those running, at the recent
-        run time per image (per batch running beside it: the model's rate); None before any batch ran."""
+        run time per image (per batch running beside it: the model's rate), or the age of the oldest one waiting
+        if that is longer (a stall shows there before any batch ends); None before any batch ran."""
         if self._per_image_s is None:
             return None
-        return (len(self._queue) + self._in_flight / 2) * self._per_image_s
+        oldest = time.monotonic() - self._queue[0].enqueued_at if self._queue else 0.0
+        return max(oldest, (len(self._queue) + self._in_flight / 2) * self._per_image_s)
 
     def _refuse_if_full(self, count: int, now: float) -> None:
         if count > self._max_queue_size:
@@ -187,8 +189,7 @@ class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
                     f"{self._label}: queue full, at its limit of {self._max_queue_size} images "
                     f"({len(self._queue)} waiting, {count} more requested); retry after a moment"
                 )
-        # An empty queue always admits: a model slower than the bound per batch still makes progress.
-        wait = self.expected_wait_s() if self._max_queue_wait_s and self._queue else None
+        wait = self.expected_wait_s() if self._max_queue_wait_s and self._queue else None  # empty: progress
         if wait is not None and wait > self._max_queue_wait_s:
             raise QueueWaitError(
                 f"{self._label}: overloaded, a request now would wait about {wait * 1000:.0f} ms for its batch "
@@ -198,8 +199,7 @@ class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
     def _batch_ran(self, stats: BatchStats, side_by_side: int) -> None:
         if stats.ok:  # the run time per image, weighted by images: a few batches forget the past
             sample, weight = stats.run_s / stats.size / max(1, side_by_side), min(1.0, 0.02 * stats.size)
-            self._per_image_s = sample if self._per_image_s is None else (
-                self._per_image_s + weight * (sample - self._per_image_s))
+            self._per_image_s = sample + (1 - weight) * ((self._per_image_s or sample) - sample)
         self._notify(self._on_batch, stats, "on_batch")
 
     async def _wait(self, entries: list[_Entry], deadline: float | None) -> list[Any]:

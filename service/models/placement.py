@@ -48,7 +48,11 @@ def place(engine: OnnxEngine, settings: Settings, label: str) -> Placement:
     elif settings.session_per_batch_size == "always" and not padded_sizes:
         log.warning("%s: session_per_batch_size=always needs padded batches (pad_batches is %s on %s); "
                     "one session serves every size", label, settings.pad_batches, engine.provider)
-    return Placement(instances, lanes, padded_sizes, batch_sizes)
+    # On CUDA each new shape costs a cuDNN search, and padded sizes may each have a session: every size is
+    # warmed. On the CPU, once one batch has run, a new size's first run costs no more than its next (measured:
+    # docs/benchmarks.md), so one is enough, and a hot reload does not take the cores from serving for seconds.
+    warm_every_size = engine.provider == CUDA or padded_sizes is not None
+    return Placement(instances, lanes, padded_sizes, batch_sizes if warm_every_size else [1])
 
 
 def warmup_batch_sizes(max_batch_size: int) -> list[int]:

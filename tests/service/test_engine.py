@@ -138,11 +138,15 @@ def test_served_models_report_their_padding(version_dir):
     assert auto.padded_sizes == ([1, 2, 4, 8] if auto.engine.provider == "CUDAExecutionProvider" else None)
 
 
-def test_warmup_runs_every_batch_size_in_the_batch_thread_when_the_batcher_starts(version_dir):
+@pytest.mark.parametrize("pad_batches, warmed", [("always", [1, 2, 4]), ("auto", [1])])
+def test_warmup_runs_in_the_batch_thread_when_the_batcher_starts(version_dir, pad_batches, warmed):
+    """Every batch size where batches are padded (on CUDA: a cuDNN search per shape); one on the CPU, where a
+    new size's first run costs no more than its next."""
     import asyncio
     import threading
 
-    settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, device="cpu", cpu_lanes=1)
+    settings = Settings(models_dir=version_dir.parent.parent, max_batch_size=4, device="cpu", cpu_lanes=1,
+                        pad_batches=pad_batches)
     served = load_model("resnet18", 1, settings, Metrics(CollectorRegistry()))
     calls = []
     real_run = served.engine.run
@@ -158,7 +162,7 @@ def test_warmup_runs_every_batch_size_in_the_batch_thread_when_the_batcher_start
 
     logits = asyncio.run(start_and_classify())
     assert logits.shape == (1000,)
-    assert [size for size, _ in calls] == [1, 2, 4, 1]
+    assert [size for size, _ in calls] == [*warmed, 1]
     assert len({thread for _, thread in calls}) == 1 and calls[0][1] != threading.get_ident()
 
 
