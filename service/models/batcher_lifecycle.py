@@ -170,6 +170,7 @@ class BatcherLifecycle(Generic[T, R]):
             for i in range(self._instances)
         ]
         self._started = True
+        self._live.add(self)  # low_lane: other models' shadows yield to this one's queue
 
     def _drop_executors(self) -> None:
         """The threads of a start that did not complete: stopped (a running warm-up finishes in its thread)."""
@@ -190,6 +191,7 @@ class BatcherLifecycle(Generic[T, R]):
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout}")
         self._closing = True
+        self._live.discard(self)
         if not self._started:
             return
         assert self._available is not None and self._executors

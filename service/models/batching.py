@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import DeadlineExceededError, InferenceError, ModelClosedError, QueueFullError, QueueWaitError
 from .batcher_lifecycle import BatcherLifecycle, R, T
-from .low_lane import LowPriorityLane
+from .low_lane import YIELD_S, LowPriorityLane
 
 __all__ = [
     "BatchStats",
@@ -267,8 +267,9 @@ class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
         now = time.monotonic()
         batch: list[_Entry] = []
         expired = 0
-        for queue in (self._queue, self._low):  # normal items first
-            while queue and len(batch) < self._max_batch_size:
+        for queue in (self._queue, self._low):  # normal items first; low ones as low_lane allows
+            room = self._max_batch_size if queue is self._queue else self._low_room(len(batch))
+            while queue and len(batch) < room:
                 entry = queue.popleft()
                 if entry.future.done():
                     entry.state = _State.DONE
@@ -295,13 +296,12 @@ class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
                 if self._max_queue_delay_s > 0:
                     await self._gather_more()
                 if self._alone_done is not None and not self._alone_done.is_set():
-                    # A batch that has the machine to itself is running: wait for it (the queue may grow
-                    # meanwhile), then look again.
-                    await self._alone_done.wait()
+                    await self._alone_done.wait()  # a batch with the machine to itself runs: then look again
                     continue
                 batch = self._take_batch()
                 if batch:
                     return batch
+                await asyncio.sleep(YIELD_S)  # low-priority work yielding to other models (low_lane)
 
     async def _gather_more(self) -> None:
         assert self._available is not None

@@ -662,6 +662,37 @@ async def test_low_priority_never_takes_room_from_normal_admission():
         await held
 
 
+async def test_low_priority_work_waits_while_another_model_has_normal_requests_queued():
+    """Models share the cores: a shadow on one model must not slow the primary of another."""
+    primary_engine, shadow_engine = FakeEngine(), FakeEngine()
+    async with running(primary_engine, max_batch_size=1) as primary, running(shadow_engine) as shadow:
+        held = await hold_engine(primary, primary_engine)
+        queued = spawn(primary, [1, 2])
+        await eventually(lambda: primary.queue_depth == 2)
+        low = asyncio.ensure_future(shadow.submit(100, priority="low"))
+        await asyncio.sleep(0.1)
+        assert not low.done() and shadow_engine.batches == []  # yielding
+        normal = await shadow.submit(7)  # normal traffic of the shadow's own model is not held back
+        assert normal == 14 and shadow_engine.batches == [[7]]
+        primary_engine.gate.set()
+        assert await asyncio.gather(held, *queued) == [2 * HOLD, 2, 4]
+        assert await low == 200  # the other model's queue is empty: the shadow runs
+    assert shadow_engine.batches == [[7], [100]]
+
+
+async def test_a_batch_of_low_priority_items_only_takes_what_runs_in_about_a_tenth_of_a_second():
+    engine = SlowEngine(0.04)  # 40 ms per image on one lane: 2 images fit in LOW_BATCH_S (0.1 s)
+    sizes: list[int] = []
+    async with running(FakeEngine(), engine, max_batch_size=8,
+                       on_batch=lambda stats: sizes.append(stats.size)) as batcher:
+        await batcher.submit(1)  # learns the run time per image
+        low = [asyncio.ensure_future(batcher.submit(100 + i, priority="low")) for i in range(6)]
+        assert await asyncio.gather(*low) == [200 + 2 * i for i in range(6)]
+        mixed = spawn(batcher, [1, 2, 3])  # normal items still fill whole batches, with low ones after them
+        await asyncio.gather(*mixed)
+    assert sizes[0] == 1 and max(sizes[1:4]) <= 2, sizes
+
+
 async def test_closing_during_warmup_never_starts_and_a_second_start_is_refused():
     engine = FakeEngine()
     warming = threading.Event()
