@@ -12,6 +12,7 @@ one request timeout) and in count (``max_requests``).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import resource
@@ -32,19 +33,29 @@ class Recorder:
         self.latencies: list[float] = []  # seconds, successful responses
         self.error_latencies: dict[str, list[float]] = {}  # seconds, by status: how fast a refusal comes
         self.errors: Counter[str] = Counter()
+        self.error_codes: Counter[str] = Counter()  # "503 overloaded": status and the body's code
         self.ok = 0
         self.window: tuple[float, float] = (math.inf, math.inf)
 
     def in_window(self, t: float) -> bool:
         return self.window[0] <= t < self.window[1]
 
-    def record(self, status: int | str, latency: float) -> None:
+    def record(self, status: int | str, latency: float, body: bytes = b"") -> None:
         if status == 200:
             self.ok += 1
             self.latencies.append(latency)
         else:
             self.errors[str(status)] += 1
             self.error_latencies.setdefault(str(status), []).append(latency)
+            self.error_codes[f"{status} {_error_code(body)}"] += 1
+
+
+def _error_code(body: bytes) -> str:
+    """archserve's ``code`` from an error body ({"error", "code"}), or ``-``."""
+    try:
+        return str(json.loads(body).get("code", "-"))
+    except (ValueError, AttributeError):
+        return "-"
 
 
 def latency_summary(latencies: list[float]) -> dict:
@@ -132,11 +143,11 @@ async def closed_loop(
             if sent >= stop_at:
                 return
             issued += 1
-            status, _ = await _one(conn, payloads[k % len(payloads)], timeout)
+            status, body = await _one(conn, payloads[k % len(payloads)], timeout)
             k += 1
             done = time.perf_counter()
             if rec.in_window(done):
-                rec.record(status, done - sent)
+                rec.record(status, done - sent, body)
             if not isinstance(status, int):
                 await asyncio.sleep(0.01)  # connection trouble: do not spin
 
@@ -227,7 +238,7 @@ async def open_loop(
                 late["late"] += lateness_ms > late_ms
                 late["max_lateness_ms"] = max(late["max_lateness_ms"], lateness_ms)
             try:
-                status, _ = await _one(conn, payload, timeout)
+                status, body = await _one(conn, payload, timeout)
             except BaseException:  # cancelled at the end of the drain
                 conn.close()
                 raise
@@ -237,7 +248,7 @@ async def open_loop(
         if status == 200 and measure_from <= done < stop_at:
             completed_in_window += 1
         if due_in_window(due):
-            rec.record(status, done - due)  # from when it was due: includes any lateness
+            rec.record(status, done - due, body)  # from when it was due: includes any lateness
             if status == 200:
                 sent_latencies.append(done - sent)
 
@@ -301,6 +312,7 @@ def _report(rec: Recorder, *, mode, url, model, duration, warmup, workload, extr
         "ok": rec.ok,
         "images_ok": rec.ok * per_request,
         "errors": dict(rec.errors),
+        "error_codes": dict(rec.error_codes),
         "throughput_img_s": round(rec.ok * per_request / duration, 3),  # images, not requests
         "throughput_req_s": round(rec.ok / duration, 3),
         "latency_ms": latency_summary(rec.latencies),

@@ -172,12 +172,12 @@ class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
 
     def expected_wait_s(self) -> float | None:
         """The wait of a request arriving now: the images queued ahead and half of those running, at the recent
-        run time per image (per batch running beside it: the model's rate), or the age of the oldest one waiting
-        if that is longer (a stall shows there before any batch ends); None before any batch ran."""
+        run time per image (per batch running beside it: the model's rate); None before any batch ran. A stall
+        shows in the oldest waiting request's age before any batch ends: over twice the bound, it refuses too."""
         if self._per_image_s is None:
             return None
-        oldest = time.monotonic() - self._queue[0].enqueued_at if self._queue else 0.0
-        return max(oldest, (len(self._queue) + self._in_flight / 2) * self._per_image_s)
+        stalled = time.monotonic() - self._queue[0].enqueued_at - self._max_queue_wait_s if self._queue else 0.0
+        return max(stalled, (len(self._queue) + self._in_flight / 2) * self._per_image_s)
 
     def _refuse_if_full(self, count: int, now: float) -> None:
         if count > self._max_queue_size:

@@ -43,12 +43,12 @@ def test_overload_without_a_wait_bound_has_no_latency_bound_to_meet():
 
 
 def test_soak_verdicts_count_every_error_and_the_rss_drift_after_the_first_minute():
-    minutes = [{"errors": {}, "rss_mb": 1000.0}, {"errors": {"503": 2}, "rss_mb": 1030.0},
-               {"errors": {"503": 1, "504": 1}, "rss_mb": 1049.0}]
+    minutes = [{"errors": {}, "rss_mb_min": 1000.0}, {"errors": {"503": 2}, "rss_mb_min": 1030.0},
+               {"errors": {"503": 1, "504": 1}, "rss_mb_min": 1049.0}]
     v = soak_verdicts(minutes)
     assert v["errors"] == {"value": {"503": 3, "504": 1}, "bound": "none", "ok": False}
     assert v["rss_drift_after_first_minute"]["value"] == 0.049 and v["rss_drift_after_first_minute"]["ok"]
-    minutes[-1]["rss_mb"] = 1051.0
+    minutes[-1]["rss_mb_min"] = 1051.0
     assert not soak_verdicts(minutes)["rss_drift_after_first_minute"]["ok"]
 
 
@@ -62,3 +62,14 @@ def test_the_soak_publishes_a_copy_as_the_next_version_and_keeps_the_two_latest(
     assert (model / "4" / "model.onnx").read_bytes() == b"weights"
     assert publish_next(model) == 5
     assert sorted(p.name for p in model.iterdir()) == ["4", "5"]  # no staging folder left behind
+
+
+def test_first_run_measures_each_size_after_a_batch_of_one(exported_repo):
+    from bench.first_run import first_runs
+
+    result = first_runs(exported_repo / "resnet18" / "1", "cpu", [2, 4], rounds=1)
+    assert result["provider"] == "CPUExecutionProvider"
+    assert set(result["sizes"]) == {"2", "4"}
+    for point in result["sizes"].values():
+        assert len(point["first_ms"]) == len(point["next_ms"]) == 1 and point["first_ms"][0] > 0
+        assert point["first_over_next"] == round(point["first_ms"][0] / point["next_ms"][0], 3)

@@ -283,6 +283,23 @@ async def test_a_queue_that_would_wait_too_long_refuses_at_once_and_admits_again
         assert await batcher.submit(5) == 10
 
 
+async def test_a_stalled_model_refuses_once_its_oldest_request_waited_twice_the_bound():
+    """A batch that runs far longer than the model's recent ones (a stall) shows in the queue's age before it
+    ends: past twice the bound, new requests are refused although the run-time estimate is still small."""
+    engine = FakeEngine()
+    async with running(engine, max_batch_size=1, max_queue_wait_ms=50) as batcher:
+        assert await batcher.submit(1) == 2  # learns a run time per image of almost nothing
+        held = await hold_engine(batcher, engine)
+        queued = spawn(batcher, [2])
+        await eventually(lambda: batcher.queue_depth == 1)
+        batcher.check_admission()  # just queued: admitted
+        await asyncio.sleep(0.12)  # the oldest has now waited over 2 x 50 ms
+        with pytest.raises(QueueWaitError):
+            batcher.check_admission()
+        engine.gate.set()
+        assert await asyncio.gather(held, *queued) == [2 * HOLD, 4]
+
+
 async def test_an_empty_queue_admits_however_slow_the_model():
     """Progress: a model slower than the limit per batch still takes one request at a time."""
     async with running(FakeEngine(), SlowEngine(0.05), max_batch_size=4, max_queue_wait_ms=10) as batcher:
