@@ -165,19 +165,19 @@ class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
         return entries
 
     def check_admission(self, count: int = 1) -> None:
-        """Raise now what ``submit_many`` of ``count`` items would for a full or too slow queue, so that a caller
-        can refuse a request before reading and decoding it."""
+        """Raise now what ``submit_many`` of ``count`` items would for a full or slow queue: refused undecoded."""
         if self._started and not self._closing:
             self._refuse_if_full(count, time.monotonic())
 
     def expected_wait_s(self) -> float | None:
-        """The wait of a request arriving now: the images queued ahead and half of those running, at the recent
-        run time per image (per batch running beside it: the model's rate); None before any batch ran. A stall
-        shows in the oldest waiting request's age before any batch ends: over twice the bound, it refuses too."""
+        """How long a request arriving now would wait for its batch to start: the images queued beyond one batch
+        and half of those running, at the recent run time per image (per batch beside it: the model's rate), or
+        the oldest waiting one's age less the bound (a stall, before any batch ends); None before any batch."""
         if self._per_image_s is None:
             return None
         stalled = time.monotonic() - self._queue[0].enqueued_at - self._max_queue_wait_s if self._queue else 0.0
-        return max(stalled, (len(self._queue) + self._in_flight / 2) * self._per_image_s)
+        ahead = max(0, len(self._queue) + 1 - self._max_batch_size)  # the next batch takes the rest with it
+        return max(stalled, (ahead + self._in_flight / 2) * self._per_image_s)
 
     def _refuse_if_full(self, count: int, now: float) -> None:
         if count > self._max_queue_size:
