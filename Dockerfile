@@ -25,7 +25,7 @@
 # (publish new versions into it with the export stage and the server hot-reloads them).
 #
 # Image size (runtime stage), estimated from the wheels of the versions pinned below
-# (onnxruntime-gpu 1.31.1, CUDA 13.0 component wheels, cuDNN 9.24), download size ->
+# (onnxruntime-gpu 1.31.1, CUDA 13.0 component wheels, cuDNN 9.24: CUDA_WHEELS), download size ->
 # installed size:
 #   nvidia-cudnn-cu13 9.24       553 MB ->   966 MB
 #   nvidia-cublas 13.1 (cuDNN)   423 MB ->   597 MB
@@ -33,21 +33,21 @@
 #   nvidia-cufft 12.0            214 MB ->   288 MB
 #   nvidia-cuda-nvrtc 13.0        90 MB ->   228 MB
 #   nvidia-curand 10.4            60 MB ->   135 MB
-#   nvidia-nvjitlink 13.5 (cufft) 47 MB ->   117 MB
+#   nvidia-nvjitlink 13.0 (cufft) 47 MB ->   117 MB
 #   nvidia-cuda-runtime 13.0       2 MB ->     7 MB
 #   numpy, Pillow, uvloop, pydantic, fastapi, uvicorn, psycopg, ... ~45 MB -> ~125 MB
 #   python:3.11-slim base                     ~45 MB -> ~130 MB
 #   models resnet18 + resnet50 (fp32 + fp16 each: params x 6 bytes) ~225 MB, barely
 #   compressible (to gzip, weights look like noise)
 # => about 3.2 GB on disk (`docker image ls`), about 1.9 GB to pull (compressed layers).
-# (Transitive nvidia-* versions are resolved at build time; sizes are those of the
-# versions above.) The CUDA/cuDNN wheels are ~75% of the image and cuDNN alone ~30%:
+# The CUDA/cuDNN wheels are ~75% of the image and cuDNN alone ~30%:
 # the price of the GPU runtime, which an nvidia/cuda *-cudnn-runtime base image would
 # carry too (it is no smaller). pip's cache is off, so no wheel is stored twice.
 # A CPU-only image (`onnxruntime` instead of onnxruntime-gpu, no nvidia wheels) would be
 # ~0.5 GB; not built, because one image for both keeps deployments identical.
 
-ARG PYTHON_IMAGE=python:3.11-slim
+# A patch version, so a rebuild gets the same interpreter (bump it deliberately for security fixes).
+ARG PYTHON_IMAGE=python:3.11.14-slim
 
 # ---------------------------------------------------------------------------------------------- export
 FROM ${PYTHON_IMAGE} AS export
@@ -98,9 +98,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# The CUDA 13.0 (update 2) and cuDNN 9.24 wheels, pinned: the extras alone (~=13.0, ~=9.0) resolve to
+# the newest 13.x / 9.x, not the versions the README names and the GPU figures were measured with.
+# nvidia-cublas and nvidia-nvjitlink come in through cuDNN and cuFFT.
+ARG CUDA_WHEELS="nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-nvjitlink==13.0.88 nvidia-cufft==12.0.0.61 nvidia-curand==10.4.0.35 nvidia-cublas==13.1.0.3 nvidia-cudnn-cu13==9.24.1.1"
+
 # onnxruntime-gpu with its CUDA 13 / cuDNN 9 runtime wheels (nvidia-*), first and alone:
-# ~2.7 GB that change only with ONNXRUNTIME_VERSION, so this layer stays cached.
-RUN pip install --index-url "${PIP_INDEX_URL}" "onnxruntime-gpu[cuda,cudnn]==${ONNXRUNTIME_VERSION}"
+# ~2.7 GB that change only with ONNXRUNTIME_VERSION or CUDA_WHEELS, so this layer stays cached.
+RUN pip install --index-url "${PIP_INDEX_URL}" "onnxruntime-gpu[cuda,cudnn]==${ONNXRUNTIME_VERSION}" ${CUDA_WHEELS}
 
 # The service package with its runtime dependencies only (no [export], no [test]: no torch).
 COPY pyproject.toml README.md /tmp/src/

@@ -9,7 +9,7 @@ required when ``CI`` is set.
 from __future__ import annotations
 
 import importlib
-
+import importlib.metadata
 import json
 import os
 import re
@@ -21,11 +21,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
+README = (ROOT / "README.md").read_text()
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -226,7 +228,26 @@ def test_dockerfile_has_an_export_and_a_runtime_stage_from_python_slim():
     _, stages = dockerfile_stages()
     assert list(stages) == ["export", "runtime"]
     for stage in stages.values():
-        assert stage["base"] == "python:3.11-slim"
+        # A patch version: a rebuild must not pick up another interpreter silently.
+        assert re.fullmatch(r"python:3\.11\.\d+-slim", stage["base"]), stage["base"]
+
+
+def test_runtime_stage_pins_the_cuda_and_cudnn_wheels_the_readme_names():
+    _, stages = dockerfile_stages()
+    pins = dict(p.split("==") for p in stages["runtime"]["args"]["CUDA_WHEELS"].strip('"').split())
+    assert pins["nvidia-cuda-runtime"].startswith("13.0.") and pins["nvidia-cudnn-cu13"].startswith("9.24.")
+    assert "CUDA 13.0" in README and "cuDNN 9.24" in README
+    assert "${CUDA_WHEELS}" in stage_text(stages["runtime"], "RUN")
+    # Every CUDA wheel onnxruntime-gpu's extras ask for is pinned, to a version its specifier allows.
+    try:
+        requires = importlib.metadata.requires("onnxruntime-gpu") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("onnxruntime-gpu is not installed on this platform (the CPU onnxruntime is)")
+    wanted = [Requirement(r) for r in requires if "extra ==" in r and ("cuda" in r or "cudnn" in r)]
+    assert wanted
+    for req in wanted:
+        assert req.name in pins, f"{req.name} is not pinned in CUDA_WHEELS"
+        assert req.specifier.contains(pins[req.name]), f"{req.name}=={pins[req.name]} is outside {req.specifier}"
 
 
 def test_export_stage_installs_cpu_torch_and_exports_the_default_models():
@@ -907,3 +928,14 @@ def test_kustomize_output_matches_the_kubernetes_schema(path):
               if d["kind"] not in CRD_KINDS and (e := schema_errors(d))]
     assert not errors, "\n".join(errors)
     assert all(d["metadata"].get("namespace") == "archserve" for d in docs if d["kind"] != "Namespace")
+
+
+@pytest.mark.parametrize(("system", "machine", "runtime"), [
+    ("linux", "x86_64", "onnxruntime-gpu"), ("win32", "AMD64", "onnxruntime-gpu"),
+    ("darwin", "arm64", "onnxruntime"), ("darwin", "x86_64", "onnxruntime"), ("linux", "aarch64", "onnxruntime"),
+])
+def test_each_platform_gets_exactly_one_onnxruntime_that_has_wheels_there(system, machine, runtime):
+    deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    env = {"sys_platform": system, "platform_machine": machine}
+    chosen = [d.name for d in deps if d.name.startswith("onnxruntime") and (d.marker is None or d.marker.evaluate(env))]
+    assert chosen == [runtime]
