@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--require-gpu", action="store_true", default=None, help="not ready unless on CUDA")
     parser.add_argument("--max-batch-size", type=int, help="largest batch (default 32)")
     parser.add_argument("--max-queue-delay-ms", type=float, help="wait this long to fill a batch (default 0)")
-    parser.add_argument("--log-level", help="debug, info, warning, error (default info)")
+    parser.add_argument("--log-level", help="debug, info, warning, error, critical (default info)")
+    parser.add_argument("--log-format", help="text or json: one JSON object per line (default text)")
     return parser
 
 
@@ -243,14 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"error: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(process)d: %(message)s"
-    )
+    from .logs import config as log_config, configure as configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     metrics_dir = None
     if (settings.workers > 1 or settings.split) and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # One scrape must show every worker: prometheus-client's multiprocess mode.
         metrics_dir = tempfile.mkdtemp(prefix="archserve-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    if settings.workers > 1 or settings.split:
+        os.environ["ARCHSERVE_SUPERVISOR_PID"] = str(os.getpid())  # the root of the tree whose process_* we report
 
     import uvicorn
 
@@ -268,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s) or None,
         proxy_headers=False,
-        access_log=settings.access_log,
+        log_config=log_config(settings.log_level, settings.log_format),  # each worker: our format, not uvicorn's
+        access_log=False,  # ours (service.logs) has the request id and the duration; settings.access_log turns it off
         http="service.http.connection:GuardedHttpToolsProtocol",  # httptools, with head limits (431, 408)
     )
     limits = ConnectionLimits(settings.max_header_bytes, settings.max_header_count, settings.header_timeout_s)

@@ -20,11 +20,13 @@ from uvicorn.config import STARTUP_FAILURE
 
 from .errors import ServiceError
 from .experiments.runtime import Experiments, served_check_from_plan
+from .logs import RequestLogMiddleware
 from .metrics import ExperimentMetrics, Metrics, multiprocess_dir
 from .models.lifecycle import Lifecycle
 from .models.served import plan_versions
 from .http import classify, experiments, health, model_repository, models
 from .http import v2
+from .runtime_metrics import register_standard
 from .settings import Settings
 from .split.client import EngineClient, RemoteLifecycle
 from .state import AppState
@@ -113,8 +115,11 @@ def _build_app(settings: Settings) -> FastAPI:
         summary="Batched ONNX inference for image classifiers",
         lifespan=lifespan,
     )
+    app.add_middleware(RequestLogMiddleware, enabled=settings.access_log)  # request ids, the access log
     # Each app gets its own registry unless metrics are shared across worker processes.
     registry = None if multiprocess_dir() else CollectorRegistry()
+    if registry is not None:
+        register_standard(registry)  # process_*, python_*, the GPUs: what the default registry would have
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
     experiment_set = Experiments(settings.experiments_file)
     store = None

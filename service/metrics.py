@@ -181,6 +181,10 @@ def exposition(registry: CollectorRegistry = DEFAULT_REGISTRY) -> tuple[bytes, s
         forget_dead_processes(directory)
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
+        from .runtime_metrics import multiprocess_collectors  # process_* of every process, the GPUs
+
+        for collector in multiprocess_collectors():
+            merged.register(collector)
         return generate_latest(merged), CONTENT_TYPE_LATEST
     return generate_latest(registry), CONTENT_TYPE_LATEST
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,12 +28,12 @@ from .errors import (
 )
 from .experiments import ab
 from .images.preprocess import decode_for
+from .logs import CURRENT, client_request_id
 from .metrics import UNKNOWN_MODEL
 from .models.served import ServedModel
 from .state import AppState
 
 T = TypeVar("T")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 @dataclass(eq=False)
@@ -147,8 +146,10 @@ async def serve(
     """
     state: AppState = request.app.state.archserve
     arrived = time.monotonic()
-    client_id = _client_request_id(request)
-    request_id = uuid.uuid4().hex
+    client_id = client_request_id(request.headers.get("x-request-id"))
+    entry = CURRENT.get()  # the request's log context (service.logs): its lines carry the model from here on
+    # Ours must be unique (feedback keys on it): the log's id when the log made it, else a new one.
+    request_id = entry.request_id if entry is not None and not entry.given else uuid.uuid4().hex
     labels = (UNKNOWN_MODEL, "")
     code = 500
     call: Call | None = None
@@ -159,6 +160,8 @@ async def serve(
         served = route.served if route else _lookup(state, name, version)
         call = Call(state, served, route, arrived + state.settings.request_timeout_s, request_id, client_id)
         labels = (served.name, str(served.version))
+        if entry is not None:
+            entry.model, entry.version = labels
         in_flight = served.metrics.in_flight
         in_flight.inc()
         payload = await read(call)
@@ -227,11 +230,6 @@ def _route(state: AppState, request: Request, name: str, version, experiments: b
         raise NotFoundError(f"{name!r} is an experiment, which has no versions; POST /classify/{name}")
     key = request.headers.get(experiment.sticky_key) if experiment.sticky_key else None
     return ab.route(state.models, experiment, key)
-
-
-def _client_request_id(request: Request) -> str | None:
-    given = request.headers.get("x-request-id")
-    return given if given and _REQUEST_ID.match(given) else None
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -143,8 +143,17 @@ class Settings(BaseSettings):
     store_retention_days: float = Field(30.0, gt=0)
     store_max_predictions: int = Field(1_000_000, ge=1000)
     shadow_timeout_s: float = Field(30.0, gt=0, description="A shadow run not finished by then is dropped.")
-    log_level: str = "info"
-    access_log: bool = Field(True, description="Log one line per request (uvicorn's access log).")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per line (time, level, logger, message, request_id, model, "
+        "version, status, duration_ms), for a log pipeline; the same for the access log and the service's log.",
+    )
+    access_log: bool = Field(True, description="Log one line per request, with its id, status and duration.")
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value):
+        return value.lower() if isinstance(value, str) else value  # INFO and info alike, as uvicorn takes them
 
     @field_validator("models", mode="before")
     @classmethod

@@ -252,9 +252,9 @@ class EngineServer:
 def run(path: str) -> None:
     """The engine process's entry point (started by the supervisor, with the server's environment)."""
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(process)d: %(message)s"
-    )
+    from ..logs import configure as configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     from ..app import freeze_startup_objects
     from PIL import Image
 

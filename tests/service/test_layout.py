@@ -14,7 +14,9 @@ from tests.service.server import running_server
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
 MAX_LINES = 400
-MAX_MODULES_ON_PATH = 7
+# The classify path: body, route, data plane, decode, batcher, engine, served model, and the request log that
+# wraps every request (service.logs: its id and the access line).
+MAX_MODULES_ON_PATH = 8
 
 
 def _module_name(path: Path) -> str:
@@ -97,7 +99,7 @@ def test_no_service_module_is_longer_than_one_sitting():
     assert long == {}
 
 
-def test_a_classify_request_crosses_at_most_seven_service_modules(exported_repo):
+def test_a_classify_request_crosses_at_most_eight_service_modules(exported_repo):
     seen: set[str] = set()
     recording = threading.Event()
 
