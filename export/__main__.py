@@ -1,4 +1,5 @@
-"""Command line: ``python -m export --list`` / ``python -m export --models a,b --out models``."""
+"""Command line: ``python -m export --list`` / ``python -m export --models a,b --out models`` /
+``python -m export import-onnx model.onnx --name NAME`` (export/import_onnx.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export",
         description="Export the seed architectures to a versioned ONNX model repository.",
+        epilog="To publish your own ONNX classifier: python -m export import-onnx model.onnx --name NAME "
+        "(python -m export import-onnx --help).",
     )
     parser.add_argument("--list", action="store_true", help="print the registered models and exit")
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated model names (default: {DEFAULT_MODELS})")
@@ -68,7 +71,16 @@ def print_registry() -> None:
           "the checkpoint's model card (torchvision, timm).")
 
 
+IMPORT_COMMAND = "import-onnx"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # A subcommand word, not an argparse subparser: the export's options stay top-level, as they always were.
+    if argv[:1] == [IMPORT_COMMAND]:
+        from .import_onnx import main as import_main
+
+        return import_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .models import UnknownModelError, get_model_spec
     from .onnx_graph import DEFAULT_OPSET

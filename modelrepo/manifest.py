@@ -80,9 +80,10 @@ class ModelFile(_Strict):
 class Complexity(_Strict):
     params: int = Field(gt=0, description="Number of parameters (the exported graph's).")
     gflops: float = Field(
-        gt=0,
+        ge=0,
         description="Billions of multiply-accumulates for one image at the crop size "
-        "(the convention of torchvision's and timm's published figures).",
+        "(the convention of torchvision's and timm's published figures). An imported graph's are counted on its "
+        "Conv, Gemm and MatMul nodes: 0 where it has none.",
     )
 
 
@@ -113,13 +114,33 @@ class Checkpoint(_Strict):
     )
 
 
-Weights = Annotated[Union[RandomInit, Checkpoint], Field(discriminator="source")]
+class Imported(_Strict):
+    """A graph imported from an ONNX file (``python -m export import-onnx``), wrapped in the repository's input."""
+
+    source: Literal["imported"] = "imported"
+    file: str = Field(description="File name of the imported ONNX graph.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the imported file.")
+    producer: str = Field(description="The imported file's producer name and version (empty if it names none).")
+    input_name: str = Field(description="The imported graph's input, fed the normalised float image.")
+    output_name: str = Field(description="The imported graph's output, served as the logits.")
+    layout: Literal["NCHW", "NHWC"] = Field(description="Layout of the imported graph's float input.")
+    defaulted: list[Literal["mean", "std", "crop", "resize", "interpolation", "labels"]] = Field(
+        default_factory=list,
+        description="Preprocessing options the import was not given, so defaults: ImageNet's mean and std, the "
+        "graph's fixed size (224 if dynamic), crop / 0.875, bilinear, ImageNet's or class_N labels.",
+    )
+
+
+Weights = Annotated[Union[RandomInit, Checkpoint, Imported], Field(discriminator="source")]
 
 
 class Fp32Parity(_Strict):
     batch_sizes: list[int] = Field(description="Batch sizes compared.")
-    max_abs_diff: float = Field(ge=0, description="Largest |onnxruntime - PyTorch| logit difference.")
-    logit_range: float = Field(ge=0, description="max - min of the PyTorch logits.")
+    max_abs_diff: float = Field(
+        ge=0, description="Largest |onnxruntime - PyTorch| logit difference (an imported graph's reference: the "
+        "original graph in onnxruntime, fed the normalised float image).",
+    )
+    logit_range: float = Field(ge=0, description="max - min of the reference logits.")
     relative_diff: float = Field(ge=0, description="max_abs_diff / logit_range.")
     tolerance: float = Field(gt=0, description="Gate on relative_diff.")
 
@@ -149,18 +170,20 @@ class Parity(_Strict):
 
 
 class Producer(_Strict):
-    torch: str
+    torch: str | None = Field(default=None, description="torch version of the export; null for an imported graph.")
     onnx: str
     onnxruntime: str
-    exporter: str = Field(description="Which torch.onnx exporter wrote the graph.")
+    exporter: str = Field(description="Which torch.onnx exporter wrote the graph, or what wrapped an imported one.")
 
 
 class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="Model name (its folder).")
     version: int = Field(gt=0)
-    architecture: str = Field(description="Registered architecture the graph was built from.")
-    family: str = Field(description="Architecture family, e.g. resnet, googlenet.")
+    architecture: str = Field(
+        description="Registered architecture the graph was built from; an imported graph's file name stem."
+    )
+    family: str = Field(description="Architecture family, e.g. resnet, googlenet; imported for an imported graph.")
     created_at: datetime
     input: InputSpec
     preprocessing: Preprocessing
