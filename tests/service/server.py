@@ -63,6 +63,9 @@ def running_server(wait_ready: bool = True, **settings):
     warm-up runs every batch size up to ``max_batch_size`` (32 by default) on each CPU lane of every model,
     which takes longer than most tests and grows with the model (inception_v3 in the experiment servers)."""
     port = free_port()
+    # The queue's time bound refuses what would wait over a second, which depends on this machine's speed and
+    # load (a shared CI machine: seconds per batch): tests that check it set it; the others keep the count bound.
+    settings.setdefault("max_queue_wait_ms", 0)
     app = create_app(Settings(host="127.0.0.1", port=port, **settings))
     try:
         with serving(app, port, "/health/ready" if wait_ready else "/health/live") as url:
@@ -137,6 +140,7 @@ def start_service(repo, port: int, *extra: str, log=None, env=None) -> subproces
     # Each worker warms every batch size up to the largest before it is ready: 32 would make each start seconds
     # longer, and these tests start many workers. An explicit --max-batch-size comes later and wins.
     env.setdefault("ARCHSERVE_MAX_BATCH_SIZE", "4")
+    env.setdefault("ARCHSERVE_MAX_QUEUE_WAIT_MS", "0")  # as in running_server: only the tests of the bound set it
     return subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), "--models-dir", str(repo), "--log-level", "warning",
          *extra],
