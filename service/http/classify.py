@@ -13,6 +13,7 @@ from ..images.preprocess import ALLOWED_MEDIA_TYPES
 from ..models.served import top_k
 from ..serving import Call, serve
 from .body import ImagePart, read_images
+from .schemas import INFERENCE_ERRORS, ClassifyResponse, errors
 
 router = APIRouter(tags=["classify"])
 
@@ -41,14 +42,17 @@ def _whole_number(value):
 TopK = Annotated[int, Query(alias="top_k", ge=1, le=1000), BeforeValidator(_whole_number)]
 
 
-@router.post("/classify/{model}", openapi_extra=_BODY_DOC, summary="Classify images with the latest served version")
+_ANSWERS = dict(response_model=ClassifyResponse, responses=errors(*INFERENCE_ERRORS), openapi_extra=_BODY_DOC)
+
+
+@router.post("/classify/{model}", **_ANSWERS, summary="Classify images with the latest served version",
+             operation_id="classify")
 async def classify(request: Request, model: str, top_k_: TopK = 5):
     return await _classify(request, model, None, top_k_)
 
 
-@router.post(
-    "/classify/{model}/versions/{version}", openapi_extra=_BODY_DOC, summary="Classify images with one version"
-)
+@router.post("/classify/{model}/versions/{version}", **_ANSWERS, summary="Classify images with one version",
+             operation_id="classify_version")
 async def classify_version(request: Request, model: str, version: str, top_k_: TopK = 5):
     # The version stays text: serve() takes only its canonical form ("1", not "1.0" or "01"), as v2 does.
     return await _classify(request, model, version, top_k_)

@@ -18,6 +18,10 @@ from ..experiments.report_html import render_report_html
 from ..experiments.runtime import served_check_from_table
 from ..state import AppState
 from .admin import require_admin, require_single_worker
+from .schemas import (
+    ADMIN_ERRORS, ExperimentDescription, ExperimentList, ExperimentReport, ExperimentsReloaded, FeedbackRecorded,
+    errors,
+)
 from ..store.base import ConflictingFeedbackError, StoreError, UnknownRequestError
 
 router = APIRouter(tags=["experiments"])
@@ -49,7 +53,8 @@ def _describe(state: AppState, experiment: Experiment) -> dict:
     return body
 
 
-@router.get("/experiments", summary="Every experiment")
+@router.get("/experiments", response_model=ExperimentList, responses=errors(500), summary="Every experiment",
+            operation_id="list_experiments")
 async def list_experiments(request: Request) -> dict:
     state = _state(request)
     return {
@@ -59,13 +64,19 @@ async def list_experiments(request: Request) -> dict:
     }
 
 
-@router.get("/experiments/{name}", summary="One experiment's definition")
+@router.get("/experiments/{name}", response_model=ExperimentDescription, responses=errors(404, 500),
+            summary="One experiment's definition", operation_id="get_experiment")
 async def get_experiment(request: Request, name: str) -> dict:
     state = _state(request)
     return _describe(state, _experiment(state, name))
 
 
-@router.post("/experiments/reload", summary="Re-read the experiments file (admin token required)")
+@router.post(
+    "/experiments/reload", response_model=ExperimentsReloaded, operation_id="reload_experiments",
+    summary="Re-read the experiments file (admin token required)",
+    responses=errors(400, *ADMIN_ERRORS, s400="No experiments file, or it is invalid: the previous experiments "
+                     "stay (bad_request)"),
+)
 async def reload_experiments(request: Request) -> dict:
     require_admin(request)
     state = _state(request)
@@ -111,7 +122,13 @@ class Feedback(BaseModel):
     image_index: int = Field(0, ge=0, description="Which image of a multi-image request (default the first).")
 
 
-@router.post("/feedback", summary="The true label of a classified image (for experiment accuracy)")
+@router.post(
+    "/feedback", response_model=FeedbackRecorded, operation_id="send_feedback",
+    summary="The true label of a classified image (for experiment accuracy)",
+    responses=errors(400, 404, 409, 500, 503, s404="No logged prediction for that request id and image, or no "
+                     "experiments (not_found)", s409="A different label was already recorded (conflict)",
+                     s503="The experiment store is unavailable: retry after Retry-After seconds (unavailable)"),
+)
 async def feedback(request: Request, body: Feedback) -> dict:
     state = _state(request)
     if state.store is None:
@@ -204,11 +221,17 @@ async def _report(state: AppState, name: str) -> dict:
     )
 
 
-@router.get("/experiments/{name}/report", summary="The comparison, with confidence intervals and a verdict")
+_REPORT_ERRORS = errors(404, 500, 503, s404="No such experiment, or no experiment store (not_found)",
+                        s503="The experiment store is unavailable: retry after Retry-After seconds (unavailable)")
+
+
+@router.get("/experiments/{name}/report", response_model=ExperimentReport, responses=_REPORT_ERRORS,
+            summary="The comparison, with confidence intervals and a verdict", operation_id="experiment_report")
 async def report(request: Request, name: str) -> dict:
     return await _report(_state(request), name)
 
 
-@router.get("/experiments/{name}/report.html", response_class=HTMLResponse, summary="The report as a page")
+@router.get("/experiments/{name}/report.html", response_class=HTMLResponse, responses=_REPORT_ERRORS,
+            summary="The report as a page", operation_id="experiment_report_html")
 async def report_html(request: Request, name: str) -> HTMLResponse:
     return HTMLResponse(render_report_html(await _report(_state(request), name)))

@@ -5,20 +5,27 @@ from __future__ import annotations
 import os
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ..metrics import exposition
 from ..state import AppState
+from .schemas import Liveness, Readiness, errors
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health/live", summary="The process is up")
+@router.get("/health/live", response_model=Liveness, responses=errors(500), summary="The process is up",
+            operation_id="health_live")
 async def live() -> dict:
     return {"status": "alive", "pid": os.getpid()}  # which worker answered: for operators and the fault tests
 
 
-@router.get("/health/ready", summary="Every model is loaded and warmed up")
+@router.get(
+    "/health/ready", response_model=Readiness, summary="Every model is loaded and warmed up",
+    responses={**errors(500), 503: {"model": Readiness, "description": "Not ready: loading, failed or shutting down",
+                                    "headers": errors(503)[503]["headers"]}},
+    operation_id="health_ready",
+)
 async def ready(request: Request) -> JSONResponse:
     state: AppState = request.app.state.archserve
     body = {"status": state.status if not state.shutting_down else "shutting_down", "ready": state.ready}
@@ -32,7 +39,8 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition)")
+@router.get("/metrics", response_class=PlainTextResponse, responses=errors(500),
+            summary="Prometheus metrics (text exposition)", operation_id="metrics")
 async def metrics(request: Request) -> Response:
     state: AppState = request.app.state.archserve
     data, content_type = exposition(state.metrics.registry)

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from ..models.lifecycle import Lifecycle
 from ..split.client import RemoteLifecycle
 from .admin import RESTART_HINT, is_admin, require_admin, require_single_worker
+from .schemas import ADMIN_ERRORS, ModelLoaded, ModelUnloaded, RepositoryEntry, errors
 
 router = APIRouter(tags=["model repository"])
 # What anyone may see of the index; paths and load errors (which quote paths and library internals) need the token.
@@ -21,6 +22,8 @@ def _lifecycle(request: Request) -> Lifecycle | RemoteLifecycle:
     "/v2/repository/index",
     summary="Every model version in the repository and its state (with the admin token: its path and why it "
     "is not loaded)",
+    response_model=list[RepositoryEntry], response_model_exclude_unset=True,  # no null path for the public
+    responses=errors(401, 403, 500, 503), operation_id="v2_repository_index",
 )
 async def index(request: Request) -> list[dict]:
     admin = is_admin(request)  # a bad token is refused before any work
@@ -30,7 +33,13 @@ async def index(request: Request) -> list[dict]:
     return [{key: entry[key] for key in _PUBLIC_FIELDS if key in entry} for entry in entries]
 
 
-@router.post("/v2/repository/models/{model}/load", summary="Load (or reload) a model (admin token required)")
+@router.post(
+    "/v2/repository/models/{model}/load", response_model=ModelLoaded,
+    summary="Load (or reload) a model (admin token required)", operation_id="v2_repository_model_load",
+    responses=errors(400, 404, *ADMIN_ERRORS, s400="Not a model name, a folder the repository refuses, or a "
+                     "version that does not load: the message says why (bad_request, model_load_failed)",
+                     s404="No such model in the repository (not_found)"),
+)
 async def load(request: Request, model: str) -> dict:
     require_admin(request)
     require_single_worker(
@@ -43,7 +52,12 @@ async def load(request: Request, model: str) -> dict:
     return {"name": model, "versions": [str(v) for v in versions], "state": "READY"}
 
 
-@router.post("/v2/repository/models/{model}/unload", summary="Stop serving a model (admin token required)")
+@router.post(
+    "/v2/repository/models/{model}/unload", response_model=ModelUnloaded,
+    summary="Stop serving a model (admin token required)", operation_id="v2_repository_model_unload",
+    responses=errors(400, 404, *ADMIN_ERRORS, s400="Not a model name, or a folder the repository refuses "
+                     "(bad_request)", s404="No such model, or it is not served (not_found)"),
+)
 async def unload(request: Request, model: str) -> dict:
     require_admin(request)
     require_single_worker(

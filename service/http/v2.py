@@ -1,4 +1,5 @@
-"""The Open Inference Protocol (KServe v2) REST data plane: health, metadata, inference.
+"""The Open Inference Protocol (KServe v2) REST data plane: health, metadata, inference, and Triton's model
+configuration and statistics extensions.
 
 Inference goes through the same batcher, limits and metrics as ``/classify``;
 parsing and encoding are in :mod:`service.v2.codec`.
@@ -16,15 +17,15 @@ from ..errors import UnsupportedMediaTypeError
 from ..serving import Call, lookup, require_ready, serve
 from ..state import AppState
 from ..v2 import codec, schemas
-from ..v2.metadata import EXTENSIONS, model_io, model_metadata, server_metadata
+from ..v2.metadata import EXTENSIONS, model_config, model_io, model_metadata, server_metadata
 from .body import read_limited
+from .schemas import INFERENCE_ERRORS, errors
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
-_ERRORS = {
-    400: {"model": schemas.ErrorResponse, "description": "Invalid request (the message says what is wrong)"},
-    404: {"model": schemas.ErrorResponse, "description": "Unknown model or version (the message lists what is served)"},
-}
+_LOOKUP_ERRORS = errors(404, 500, 503)  # an unknown model or version; 503 while loading or shutting down
+_READY_503 = {503: {"model": schemas.ReadyResponse, "description": "Not ready (loading or shutting down)",
+                    "headers": errors(503)[503]["headers"]}}
 _INFER_DOC = {
     "requestBody": {
         "required": True,
@@ -37,6 +38,12 @@ _INFER_DOC = {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     }
+}
+_INFER_ANSWERS = {
+    **errors(*INFERENCE_ERRORS),
+    200: {"description": "The inference response JSON; with binary outputs, that JSON (its length in the "
+                         "Inference-Header-Content-Length header) followed by the raw tensor bytes",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
 }
 _PARSE_INLINE_BYTES = 256 * 1024  # larger JSON parts are parsed off the event loop
 _ENCODE_INLINE_VALUES = 16 * 1024  # and larger JSON tensors encoded off it
@@ -57,20 +64,23 @@ def _state(request: Request) -> AppState:
 # ----------------------------------------------------------------------------- health and metadata
 
 
-@router.get("/v2", response_model=schemas.ServerMetadata, summary="Server metadata")
+@router.get("/v2", response_model=schemas.ServerMetadata, responses=errors(500), summary="Server metadata",
+            operation_id="v2_server_metadata")
 async def get_server_metadata(request: Request) -> dict:
     paths = {getattr(route, "path", None) for route in request.app.routes}
     extensions = list(EXTENSIONS) + (["model_repository"] if "/v2/repository/index" in paths else [])
     return server_metadata(request.app.version, extensions)
 
 
-@router.get("/v2/health/live", response_model=schemas.LiveResponse, summary="Server live")
+@router.get("/v2/health/live", response_model=schemas.LiveResponse, responses=errors(500), summary="Server live",
+            operation_id="v2_server_live")
 async def server_live() -> dict:
     return {"live": True}
 
 
 @router.get(
-    "/v2/health/ready", response_model=schemas.ReadyResponse, summary="Server ready (503 until every model is)"
+    "/v2/health/ready", response_model=schemas.ReadyResponse, responses={**_READY_503, **errors(500)},
+    summary="Server ready (503 until every model is)", operation_id="v2_server_ready",
 )
 async def server_ready(request: Request) -> JSONResponse:
     state = _state(request)
@@ -79,7 +89,18 @@ async def server_ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/v2/models/{model}", response_model=schemas.ModelMetadata, responses=_ERRORS, summary="Model metadata")
+@router.get(
+    "/v2/models/stats", response_model=schemas.StatisticsResponse, responses=errors(500, 503),
+    summary="Statistics of every served model version (Triton's statistics extension)",
+    operation_id="v2_all_model_statistics",
+)
+async def all_model_statistics(request: Request) -> dict:
+    # Declared before /v2/models/{model}, which would take "stats" for a model's name.
+    return {"model_stats": await request.app.state.lifecycle.statistics()}
+
+
+@router.get("/v2/models/{model}", response_model=schemas.ModelMetadata, responses=_LOOKUP_ERRORS,
+            summary="Model metadata", operation_id="v2_model_metadata")
 async def get_model_metadata(request: Request, model: str) -> dict:
     state = _state(request)
     served = lookup(state, model, None)
@@ -87,8 +108,8 @@ async def get_model_metadata(request: Request, model: str) -> dict:
 
 
 @router.get(
-    "/v2/models/{model}/versions/{version}", response_model=schemas.ModelMetadata, responses=_ERRORS,
-    summary="Model version metadata",
+    "/v2/models/{model}/versions/{version}", response_model=schemas.ModelMetadata, responses=_LOOKUP_ERRORS,
+    summary="Model version metadata", operation_id="v2_model_version_metadata",
 )
 async def get_model_version_metadata(request: Request, model: str, version: str) -> dict:
     state = _state(request)
@@ -96,14 +117,15 @@ async def get_model_version_metadata(request: Request, model: str, version: str)
     return model_metadata(served, state.models.versions(model))
 
 
-@router.get("/v2/models/{model}/ready", response_model=schemas.ReadyResponse, responses=_ERRORS, summary="Model ready")
+@router.get("/v2/models/{model}/ready", response_model=schemas.ReadyResponse, responses=_LOOKUP_ERRORS,
+            summary="Model ready", operation_id="v2_model_ready")
 async def model_ready(request: Request, model: str) -> dict:
     return _model_ready(request, model, None)
 
 
 @router.get(
-    "/v2/models/{model}/versions/{version}/ready", response_model=schemas.ReadyResponse, responses=_ERRORS,
-    summary="Model version ready",
+    "/v2/models/{model}/versions/{version}/ready", response_model=schemas.ReadyResponse, responses=_LOOKUP_ERRORS,
+    summary="Model version ready", operation_id="v2_model_version_ready",
 )
 async def model_version_ready(request: Request, model: str, version: str) -> dict:
     return _model_ready(request, model, version)
@@ -116,12 +138,54 @@ def _model_ready(request: Request, model: str, version: str | None) -> dict:
     return {"ready": True}
 
 
+# ----------------------------------------------------------------------------- Triton's extensions
+
+
+@router.get("/v2/models/{model}/config", response_model=schemas.ModelConfig, responses=_LOOKUP_ERRORS,
+            summary="Model configuration of the latest served version", operation_id="v2_model_config")
+async def get_model_config(request: Request, model: str) -> dict:
+    state = _state(request)
+    return model_config(lookup(state, model, None), state.settings)
+
+
+@router.get(
+    "/v2/models/{model}/versions/{version}/config", response_model=schemas.ModelConfig, responses=_LOOKUP_ERRORS,
+    summary="Model configuration of one version", operation_id="v2_model_version_config",
+)
+async def get_model_version_config(request: Request, model: str, version: str) -> dict:
+    state = _state(request)
+    return model_config(lookup(state, model, version), state.settings)
+
+
+@router.get("/v2/models/{model}/stats", response_model=schemas.StatisticsResponse, responses=_LOOKUP_ERRORS,
+            summary="Statistics of every served version of a model", operation_id="v2_model_statistics")
+async def model_statistics(request: Request, model: str) -> dict:
+    return await _statistics(request, model, None)
+
+
+@router.get(
+    "/v2/models/{model}/versions/{version}/stats", response_model=schemas.StatisticsResponse,
+    responses=_LOOKUP_ERRORS, summary="Statistics of one model version", operation_id="v2_model_version_statistics",
+)
+async def model_version_statistics(request: Request, model: str, version: str) -> dict:
+    return await _statistics(request, model, version)
+
+
+async def _statistics(request: Request, name: str, version: str | None) -> dict:
+    served = lookup(_state(request), name, version)  # 404 (503 while loading) as for metadata
+    # Counted where the batchers run: here, or in the engine process (one control message, not per request).
+    stats = await request.app.state.lifecycle.statistics()
+    wanted = {str(served.version)} if version is not None else None
+    return {"model_stats": [s for s in stats if s["name"] == name and (wanted is None or s["version"] in wanted)]}
+
+
 # ----------------------------------------------------------------------------- inference
 
 
 @router.post(
     "/v2/models/{model}/infer", openapi_extra=_INFER_DOC, response_model=schemas.InferenceResponse,
-    responses=_ERRORS, summary="Inference with the latest served version",
+    responses=_INFER_ANSWERS, summary="Inference with the latest served version",
+    operation_id="v2_model_infer",
 )
 async def infer(request: Request, model: str) -> Response:
     return await _infer(request, model, None)
@@ -129,7 +193,8 @@ async def infer(request: Request, model: str) -> Response:
 
 @router.post(
     "/v2/models/{model}/versions/{version}/infer", openapi_extra=_INFER_DOC,
-    response_model=schemas.InferenceResponse, responses=_ERRORS, summary="Inference with one version",
+    response_model=schemas.InferenceResponse, responses=_INFER_ANSWERS,
+    summary="Inference with one version", operation_id="v2_model_version_infer",
 )
 async def infer_version(request: Request, model: str, version: str) -> Response:
     return await _infer(request, model, version)

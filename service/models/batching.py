@@ -31,22 +31,21 @@ from ..errors import DeadlineExceededError, InferenceError, ModelClosedError, Qu
 from .batcher_lifecycle import BatcherLifecycle, R, T
 from .low_lane import YIELD_S, LowPriorityLane
 
-__all__ = [
-    "BatchStats",
-    "Batcher",
-]
+__all__ = ["BatchStats", "Batcher"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BatchStats:
-    """One batch run, for metrics: ``queue_wait_s`` per item, submit to dispatch; ``alone``: on ``run_alone``."""
+    """One batch run, for metrics: ``queue_wait_s`` per item, submit to dispatch; ``alone``: on ``run_alone``;
+    ``request_waits_s``: the wait of each request with items in it (a request's items are queued at once)."""
     size: int
     queue_wait_s: list[float]
     run_s: float
     ok: bool
     alone: bool = False
+    request_waits_s: tuple[float, ...] = ()
 
 
 class _State(enum.Enum):
@@ -123,7 +122,7 @@ class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
             self._direct.discard(future)
             if not future.cancelled() and future.exception() is None:  # prepared: a batch of one ran
                 _, error, run_s = future.result()
-                self._batch_ran(BatchStats(1, [0.0], run_s, error is None, run is self._run_alone), 1)
+                self._batch_ran(BatchStats(1, [0.0], run_s, error is None, run is self._run_alone, (0.0,)), 1)
 
         future = self._loop.run_in_executor(self._executors[0], lambda: self._timed_run(run, [prepare()]))
         self._direct.add(future)
@@ -335,9 +334,10 @@ class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
         assert self._loop is not None and self._alone_done is not None
         dispatched_at = time.monotonic()
         waits = [dispatched_at - e.enqueued_at for e in batch]
+        waited = {e.request: wait for e, wait in zip(batch, waits)}  # per request: Triton's statistics count them
         # Decided and recorded with no await in between: no other worker can start a batch meanwhile.
         alone = (self._run_alone is not None and self._running == 0 and not self._queue and not self._low
-                 and len({e.request for e in batch}) == 1)
+                 and len(waited) == 1)
         run = self._run_alone if alone else self._run_batch
         if alone:
             self._alone_done.clear()
@@ -369,7 +369,7 @@ class Batcher(LowPriorityLane, BatcherLifecycle[T, R]):
                 failure = InferenceError(f"inference failed for {self._label} (a batch of {len(batch)}): {error}")
                 failure.__cause__ = error
                 self._fail(entry, failure)
-        self._batch_ran(BatchStats(len(batch), waits, run_s, error is None, alone), side_by_side)
+        self._batch_ran(BatchStats(len(batch), waits, run_s, error is None, alone, tuple(waited.values())), side_by_side)
 
     @staticmethod
     def _timed_run(run: Callable[[list[Any]], Sequence[Any]], items: list[Any]) -> tuple[Any, Exception | None, float]:

@@ -33,6 +33,10 @@ class BrokenModelError(BadRequestError):
     code = "model_load_failed"
 
 
+def _version_key(model: ServedModel) -> tuple[str, int]:
+    return model.name, model.version
+
+
 def _fingerprint(version_dir: Path) -> tuple:
     try:
         stat = (version_dir / MANIFEST_FILENAME).stat()
@@ -179,6 +183,10 @@ class Lifecycle:
 
     async def repository_index(self) -> list[dict]:
         return self.index()
+
+    async def statistics(self) -> list[dict]:
+        """Triton's ``$model_stat`` of every served version, from its batcher (async as ``RemoteLifecycle``'s)."""
+        return [m.statistics.model_stat(m.name, m.version) for m in sorted(self.state.models, key=_version_key)]
 
     def index(self) -> list[dict]:
         """Every model version in the repository and whether it is served (Triton's repository index)."""

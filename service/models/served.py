@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from modelrepo.manifest import Manifest, load_manifest
 
-from ..errors import NotFoundError
+from ..errors import NotFoundError, ServiceError
 from ..images.preprocess import PreprocessSpec
 from ..metrics import Metrics, ModelMetrics, multiprocess_dir
 from ..settings import Settings
@@ -21,6 +22,115 @@ from .placement import place
 from .repository import Repository
 
 log = logging.getLogger(__name__)
+
+
+def _pair() -> list[int]:
+    return [0, 0]
+
+
+def _duration(pair: list[int]) -> dict:
+    return {"count": pair[0], "ns": pair[1]}  # Triton's $duration_stat
+
+
+@dataclass(eq=False, slots=True)
+class InferenceStatistics:
+    """Triton's statistics extension for one served version since it loaded, counted where its batcher runs (a
+    worker, or the engine process). A request is one call of the batcher (a request's images, or a shadow's);
+    it may span batches, and is then counted in ``queue`` and ``compute_infer`` once for each batch it ran in.
+    Updated on the event loop only (requests end there, ``on_batch`` runs there): no lock."""
+
+    success: list[int] = field(default_factory=_pair)  # [count, ns]: requests answered, submit to result
+    fail: list[int] = field(default_factory=_pair)  # refused, expired, failed or abandoned by their caller
+    queue: list[int] = field(default_factory=_pair)  # submit to dispatch, per request and batch
+    compute_infer: list[int] = field(default_factory=_pair)  # its batch's run (stacking the inputs included)
+    inference_count: int = 0  # images in successful batches
+    execution_count: int = 0  # successful batches
+    last_inference_ms: int = 0  # when the last request ended, ms since the epoch
+    batches: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, ns] of successful runs
+
+    def request_ended(self, started_ns: int, ok: bool) -> None:
+        pair = self.success if ok else self.fail
+        pair[0] += 1
+        pair[1] += time.monotonic_ns() - started_ns
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def batch_ran(self, stats: BatchStats) -> None:
+        if not stats.ok:  # its requests fail, and are counted there
+            return
+        run_ns = int(stats.run_s * 1e9)
+        requests = len(stats.request_waits_s)
+        self.queue[0] += requests
+        self.queue[1] += int(sum(stats.request_waits_s) * 1e9)
+        self.compute_infer[0] += requests
+        self.compute_infer[1] += run_ns * requests  # each request waited for the whole run
+        self.inference_count += stats.size
+        self.execution_count += 1
+        by_size = self.batches.setdefault(stats.size, [0, 0])
+        by_size[0] += 1
+        by_size[1] += run_ns
+
+    def model_stat(self, name: str, version: int) -> dict:
+        """Triton's ``$model_stat``. compute_input and compute_output are not timed apart from the run (count 0,
+        "never collected"); there is no response cache (cache_hit and cache_miss 0)."""
+        none = {"count": 0, "ns": 0}
+        return {
+            "name": name,
+            "version": str(version),
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": _duration(self.success), "fail": _duration(self.fail), "queue": _duration(self.queue),
+                "compute_input": none, "compute_infer": _duration(self.compute_infer), "compute_output": none,
+                "cache_hit": none, "cache_miss": none,
+            },
+            "batch_stats": [
+                {"batch_size": size, "compute_input": none, "compute_infer": _duration(pair), "compute_output": none}
+                for size, pair in sorted(self.batches.items())
+            ],
+        }
+
+
+class CountingBatcher(Batcher):
+    """A Batcher counting each request in ``statistics`` as it ends (Triton's success and fail): every
+    ``submit``, ``submit_many`` and ``run_now``, and a request ``check_admission`` refuses."""
+
+    def __init__(self, *args, statistics: InferenceStatistics, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.statistics = statistics
+
+    def submit(self, item, **kwargs):
+        return self._counted(super().submit(item, **kwargs))
+
+    def submit_many(self, items, **kwargs):
+        return self._counted(super().submit_many(items, **kwargs))
+
+    def run_now(self, prepare, **kwargs):
+        prepared = []  # once ``prepare`` returned (a bad image raises in it, as in a decode before ``submit``)
+
+        def prepare_then_note():
+            item = prepare()
+            prepared.append(True)
+            return item
+
+        return self._counted(super().run_now(prepare_then_note, **kwargs), reached=prepared)
+
+    async def _counted(self, work, reached: list | None = None):
+        started, ok = time.monotonic_ns(), False
+        try:
+            result = await work
+            ok = True
+            return result
+        finally:  # cancelled too: the caller left, nothing was answered
+            if reached is None or reached:  # a request that never reached the model is not the model's
+                self.statistics.request_ended(started, ok)
+
+    def check_admission(self, count: int = 1) -> None:
+        try:
+            super().check_admission(count)
+        except ServiceError:  # refused before it was submitted: a failed request all the same
+            self.statistics.request_ended(time.monotonic_ns(), False)
+            raise
 
 
 @dataclass
@@ -36,6 +146,7 @@ class ServedModel:
     labels: np.ndarray = field(repr=False)
     metrics: ModelMetrics = field(repr=False)
     padded_sizes: list[int] | None = None  # batches are padded up to one of these sizes
+    statistics: InferenceStatistics = field(default_factory=InferenceStatistics, repr=False)  # its batcher's
     reported: bool = field(default=False, repr=False)  # in archserve_model_info
 
     async def start(self, metrics: Metrics) -> None:
@@ -165,7 +276,8 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
     placed = place(engine, settings, f"{name} v{version}")
     labels = (name, str(version))
     null = settings.null_engine
-    batcher = Batcher(
+    statistics = InferenceStatistics()
+    batcher = CountingBatcher(
         null_runner(manifest.output.num_classes) if null else batch_runner(engine, placed.padded_sizes),
         run_alone=batch_runner(engine, placed.padded_sizes, alone=True) if placed.lanes > 1 and not null else None,
         max_batch_size=settings.max_batch_size,
@@ -174,7 +286,8 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         max_queue_delay_ms=settings.max_queue_delay_ms,
         max_queue_wait_ms=settings.max_queue_wait_ms,
         name=f"{name}/{version}",
-        on_batch=_batch_observer(metrics, *labels),
+        statistics=statistics,
+        on_batch=_batch_observer(metrics, statistics, *labels),
         on_queue_depth=metrics.queue_depth.labels(*labels).set,
         on_expired=metrics.expired.labels(*labels).inc,
         # Every batch size, in each thread that will run batches (the batcher's start awaits it).
@@ -188,6 +301,7 @@ def load_model(name: str, version: int, settings: Settings, metrics: Metrics) ->
         ),
         instances=placed.instances,
         padded_sizes=placed.padded_sizes,
+        statistics=statistics,
         labels=np.asarray(manifest.labels, dtype=object),
         metrics=ModelMetrics.of(metrics, *labels),
     )
@@ -204,7 +318,7 @@ def top_k(logits: np.ndarray, labels: np.ndarray, k: int) -> list[dict]:
     return [{"label": str(labels[i]), "index": int(i), "score": float(probs[i])} for i in idx]
 
 
-def _batch_observer(metrics: Metrics, name: str, version: str):
+def _batch_observer(metrics: Metrics, statistics: InferenceStatistics, name: str, version: str):
     batch_size = metrics.batch_size.labels(name, version)
     inference = metrics.inference_latency.labels(name, version)
     queue_wait = metrics.queue_wait.labels(name, version)
@@ -220,6 +334,7 @@ def _batch_observer(metrics: Metrics, name: str, version: str):
             queue_wait.observe(wait)
         if not stats.ok:
             failures.inc()
+        statistics.batch_ran(stats)
 
     return on_batch
 

@@ -300,7 +300,7 @@ class EngineClient:
             self._protocol.send((p.CANCEL, request_id))
 
     async def admin(self, op: str, arg: Any = None, timeout: float = 600.0) -> Any:
-        """An operation on the engine's models (load, unload, index, reload_experiments): done once, for all."""
+        """An operation on the engine's models (load, unload, index, stats, reload_experiments): done once, for all."""
         request_id, entry = self._send((p.ADMIN, op, arg), [])
         try:
             return await asyncio.wait_for(entry.future, timeout)
@@ -324,6 +324,10 @@ class RemoteLifecycle:
 
     async def repository_index(self) -> list[dict]:
         return await self.client.admin("index", timeout=30.0)
+
+    async def statistics(self) -> list[dict]:
+        """The engine's: its batchers count every front-end's requests."""
+        return await self.client.admin("stats", timeout=10.0)
 
     async def run_polling(self) -> None:
         """The engine polls the repository; nothing to do here."""

@@ -231,6 +231,8 @@ class EngineServer:
                 result = await self.lifecycle.unload(arg)
             elif op == "index":
                 result = self.lifecycle.index()
+            elif op == "stats":  # Triton's statistics: the batchers, hence the counts, are here
+                result = await self.lifecycle.statistics()
             elif op == "reload_experiments":  # relayed: every other front-end re-reads the file
                 for other in list(self.connections):
                     if other is not conn:
