@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description="archserve: batched image classification")
     parser.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, help="KServe v2 / Triton gRPC port (default 8001; 0: no gRPC)")
     parser.add_argument("--models-dir", help="model repository (default models)")
     parser.add_argument("--models", help="models to serve: NAME or NAME@VERSION, comma-separated (default all)")
     parser.add_argument("--workers", type=int, help="HTTP worker processes (default 1)")
@@ -276,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         http="service.http.connection:GuardedHttpToolsProtocol",  # httptools, with head limits (431, 408)
     )
     limits = ConnectionLimits(settings.max_header_bytes, settings.max_header_count, settings.header_timeout_s)
+    from .grpc.server import warn_if_taken
+
+    warn_if_taken(settings.host, settings.grpc_port)  # before the workers bind it, each with SO_REUSEPORT
     engine = None
     engine_dir = None
     if settings.split:

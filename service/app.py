@@ -20,6 +20,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from .errors import ServiceError
 from .experiments.runtime import Experiments, served_check_from_plan
+from .grpc import server as grpc_server
 from .logs import RequestLogMiddleware
 from .metrics import ExperimentMetrics, Metrics, multiprocess_dir
 from .models.lifecycle import Lifecycle
@@ -100,9 +101,12 @@ def _build_app(settings: Settings) -> FastAPI:
         if state.store_writer is not None:
             state.spawn(state.store_writer.run(), daemon=True)
         experiments.install_reload_signal(app)
+        rpc = None
         try:
+            rpc = await grpc_server.start(app)  # this process's gRPC, beside its HTTP (None when grpc_port is 0)
             yield
         finally:
+            await grpc_server.stop(rpc, settings.graceful_shutdown_s)  # first: calls in flight still need models
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await state.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -142,7 +143,9 @@ async def serve(
     """Serve one inference request: ``read`` takes the body (limits, parsing), ``run`` infers and answers.
 
     ``run`` is cancelled if the client disconnects (its images leave the queue; the answer is 499). With
-    ``experiments``, ``name`` may also be an experiment, served by one of its variants.
+    ``experiments``, ``name`` may also be an experiment, served by one of its variants. ``request`` is a Starlette
+    request, or a gRPC call shaped like one (``service.grpc.service.CallRequest``: ``app``, ``headers``,
+    ``receive``), whose own ``deadline`` (``time.monotonic()``) bounds the request's when it is sooner.
     """
     state: AppState = request.app.state.archserve
     arrived = time.monotonic()
@@ -158,7 +161,9 @@ async def serve(
         require_ready(state)
         route = _route(state, request, name, version, experiments)
         served = route.served if route else _lookup(state, name, version)
-        call = Call(state, served, route, arrived + state.settings.request_timeout_s, request_id, client_id)
+        # A gRPC client's deadline (grpc-timeout) when sooner than ours: no use working once it stops waiting.
+        deadline = min(arrived + state.settings.request_timeout_s, getattr(request, "deadline", None) or math.inf)
+        call = Call(state, served, route, deadline, request_id, client_id)
         labels = (served.name, str(served.version))
         if entry is not None:
             entry.model, entry.version = labels

@@ -17,6 +17,11 @@ class Settings(BaseSettings):
     # Where and what to serve
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        8001, ge=0, le=65535,
+        description="The Open Inference Protocol's gRPC service (inference.GRPCInferenceService, as Triton's), "
+        "served by every worker process on this port (SO_REUSEPORT); 0 = no gRPC.",
+    )
     workers: int = Field(
         1, ge=1,
         description="HTTP front-end processes. With more than one, they share one engine process that holds the "

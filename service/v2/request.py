@@ -46,6 +46,14 @@ def parse_infer_request(
         raise BadRequestError(f"parameter 'binary_data_output' must be true or false, got {binary_output!r}")
 
     inputs = document.get("inputs")
+    check_inputs(inputs, model)
+    outputs = parse_outputs(document.get("outputs"), binary_output, model)  # before any tensor is built
+    image = _parse_input(inputs[0], binary, header_length is not None, model, max_images, max_body_bytes)
+    return InferRequest(id=request_id, input=image, outputs=outputs)
+
+
+def check_inputs(inputs, model: ModelIO) -> None:
+    """The request's inputs (a list, also the gRPC request's) hold exactly the one this model family takes."""
     if not isinstance(inputs, list) or not inputs:
         raise BadRequestError(
             f"'inputs' must be a non-empty array; this model takes one input, {model.input_name!r}"
@@ -55,9 +63,6 @@ def parse_infer_request(
             f"{len(inputs)} inputs given; this model takes exactly one input, {model.input_name!r} "
             f"(UINT8 pixels {model.pixel_shape} or BYTES encoded images [N])"
         )
-    outputs = _parse_outputs(document.get("outputs"), binary_output, model)  # before any tensor is built
-    image = _parse_input(inputs[0], binary, header_length is not None, model, max_images, max_body_bytes)
-    return InferRequest(id=request_id, input=image, outputs=outputs)
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
@@ -140,6 +145,46 @@ def _is_int(value) -> bool:
 def _parse_input(
     obj, binary: memoryview, has_header: bool, model: ModelIO, max_images: int, max_body_bytes: int | None
 ) -> ImageInput:
+    name, datatype, shape, where, parameters = check_input(obj, model, max_images, max_body_bytes)
+    count = shape[0]
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if not _is_int(size) or size < 0:
+            raise BadRequestError(f"{where}: 'binary_data_size' must be a non-negative integer, got {size!r}")
+        if not has_header:
+            raise BadRequestError(
+                f"{where} has binary_data_size but the request has no {HEADER_LENGTH} header giving the "
+                "length of the JSON before the binary data"
+            )
+        if "data" in obj:
+            raise BadRequestError(f"{where} has both 'data' and binary_data_size; send one of them")
+        if size != len(binary):
+            raise BadRequestError(
+                f"{where}: binary_data_size is {size} but {len(binary)} bytes follow the JSON header; they must "
+                "add up to the rest of the body"
+            )
+        if datatype == "UINT8":
+            return ImageInput(name, datatype, shape, pixels=_pixels_from_binary(binary, shape, where))
+        return ImageInput(name, datatype, shape, encoded=split_bytes(binary, count, where))
+
+    if len(binary):
+        raise BadRequestError(
+            f"{len(binary)} bytes follow the JSON header but no input has binary_data_size; give it in the "
+            "input's parameters"
+        )
+    if "data" not in obj:
+        raise BadRequestError(f"{where} has neither 'data' nor a binary_data_size parameter")
+    flat = _flatten(obj["data"], where)
+    if datatype == "UINT8":
+        return ImageInput(name, datatype, shape, pixels=_pixels_from_json(flat, shape, where))
+    return ImageInput(name, datatype, shape, encoded=_bytes_from_json(flat, count, where))
+
+
+def check_input(
+    obj, model: ModelIO, max_images: int, max_body_bytes: int | None
+) -> tuple[str, str, tuple[int, ...], str, dict]:
+    """An input's header (``obj``: name, datatype, shape, parameters; a gRPC input's too), checked against the
+    model and the limits before any of its data is read: ``(name, datatype, shape, where, parameters)``."""
     if not isinstance(obj, dict):
         raise BadRequestError(f"each input must be a JSON object, got {_json_type(obj)}")
     name = obj.get("name")
@@ -190,37 +235,7 @@ def _parse_input(
     parameters = _parameters(obj, where)
     if "shared_memory_region" in parameters:
         raise BadRequestError(f"{where}: shared memory is not supported; send the tensor data in the request body")
-    size = parameters.get("binary_data_size")
-    if size is not None:
-        if not _is_int(size) or size < 0:
-            raise BadRequestError(f"{where}: 'binary_data_size' must be a non-negative integer, got {size!r}")
-        if not has_header:
-            raise BadRequestError(
-                f"{where} has binary_data_size but the request has no {HEADER_LENGTH} header giving the "
-                "length of the JSON before the binary data"
-            )
-        if "data" in obj:
-            raise BadRequestError(f"{where} has both 'data' and binary_data_size; send one of them")
-        if size != len(binary):
-            raise BadRequestError(
-                f"{where}: binary_data_size is {size} but {len(binary)} bytes follow the JSON header; they must "
-                "add up to the rest of the body"
-            )
-        if datatype == "UINT8":
-            return ImageInput(name, datatype, shape, pixels=_pixels_from_binary(binary, shape, where))
-        return ImageInput(name, datatype, shape, encoded=_split_bytes(binary, count, where))
-
-    if len(binary):
-        raise BadRequestError(
-            f"{len(binary)} bytes follow the JSON header but no input has binary_data_size; give it in the "
-            "input's parameters"
-        )
-    if "data" not in obj:
-        raise BadRequestError(f"{where} has neither 'data' nor a binary_data_size parameter")
-    flat = _flatten(obj["data"], where)
-    if datatype == "UINT8":
-        return ImageInput(name, datatype, shape, pixels=_pixels_from_json(flat, shape, where))
-    return ImageInput(name, datatype, shape, encoded=_bytes_from_json(flat, count, where))
+    return name, datatype, shape, where, parameters
 
 
 def _parse_shape(shape, where: str) -> tuple[int, ...]:
@@ -249,7 +264,7 @@ def _pixels_from_binary(binary: memoryview, shape: tuple[int, ...], where: str) 
     return np.frombuffer(binary, dtype=np.uint8).reshape(shape)  # a view of the body: no copy
 
 
-def _split_bytes(binary: memoryview, count: int, where: str) -> tuple[bytes, ...]:
+def split_bytes(binary: memoryview, count: int, where: str) -> tuple[bytes, ...]:
     items: list[bytes] = []
     offset, end = 0, len(binary)
     while offset < end:
@@ -334,7 +349,7 @@ def _bytes_from_json(flat: list, count: int, where: str) -> tuple[bytes, ...]:
     return tuple(items)
 
 
-def _parse_outputs(raw, binary_default: bool, model: ModelIO) -> tuple[RequestedOutput, ...]:
+def parse_outputs(raw, binary_default: bool, model: ModelIO) -> tuple[RequestedOutput, ...]:
     if raw is None or raw == []:  # none requested: every output, in the request-wide binary mode
         return (RequestedOutput(model.output_name, binary=binary_default),)
     if not isinstance(raw, list):
