@@ -129,6 +129,7 @@ COPY --from=export --chown=archserve:archserve /models /models
 # request (--gpus, compose reservation, k8s nvidia.com/gpu) exposes devices.
 ENV ARCHSERVE_HOST=0.0.0.0 \
     ARCHSERVE_PORT=8000 \
+    ARCHSERVE_GRPC_PORT=8001 \
     ARCHSERVE_MODELS_DIR=/models \
     ARCHSERVE_STORE_PATH=/data/experiments.sqlite3 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
@@ -136,7 +137,7 @@ ENV ARCHSERVE_HOST=0.0.0.0 \
 WORKDIR /home/archserve
 USER 10001:10001
 VOLUME ["/data"]
-EXPOSE 8000
+EXPOSE 8000 8001
 
 # Ready = every model loaded, verified and warmed up (503 while loading, draining or when
 # ARCHSERVE_REQUIRE_GPU is set and a model fell back to the CPU). The start period covers

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,12 +23,14 @@ import grpc
 import numpy as np
 
 from ..errors import NotFoundError, ServiceError
+from ..logs import ACCESS_LOGGER, CURRENT, RequestLog, client_request_id
 from ..serving import Call, lookup, serve
 from ..state import AppState
 from ..v2.metadata import model_io, model_metadata, server_metadata
 from . import codec, messages
 
 log = logging.getLogger("archserve.grpc")
+_access = logging.getLogger(ACCESS_LOGGER)
 
 STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -91,20 +94,38 @@ class Reply:
 
 def _rpc(method):
     """Map what an RPC raises to a gRPC status: a ``ServiceError`` to its code and message (its headers, the
-    request id and Retry-After, as trailing metadata); anything else to INTERNAL, logged, as REST's 500."""
+    request id and Retry-After, as trailing metadata); anything else to INTERNAL, logged, as REST's 500. Each
+    call has a request id and an access line, as an HTTP request has (``service.logs``)."""
 
     @functools.wraps(method)
     async def handler(self, message, context: grpc.aio.ServicerContext):
+        metadata = dict((k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str))
+        given = client_request_id(metadata.get("x-request-id"))
+        entry = RequestLog(given or uuid.uuid4().hex, given is not None)
+        token = CURRENT.set(entry)  # the data plane's task (created in this context) sees it and names the model
+        started, status = time.monotonic(), 200
         try:
             return await method(self, message, context)
         except ServiceError as exc:
+            status = exc.status_code
             trailing = tuple((key.lower(), value) for key, value in exc.headers.items())
             await context.abort(STATUS.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message, trailing)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+        except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client cancelled, or its deadline came
             raise
         except Exception as exc:
+            status = 500
             log.exception("unhandled error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        finally:
+            if self.state.settings.access_log:
+                ms = (time.monotonic() - started) * 1000
+                code = STATUS.get(status, grpc.StatusCode.OK if status == 200 else grpc.StatusCode.INTERNAL)
+                _access.info('%s "gRPC %s" %s %.1f ms', context.peer(), method.__name__, code.name, ms,
+                             extra={"status": status, "duration_ms": round(ms, 3)})  # status: REST's equivalent
+            CURRENT.reset(token)
 
     return handler
 

@@ -939,3 +939,17 @@ def test_each_platform_gets_exactly_one_onnxruntime_that_has_wheels_there(system
     env = {"sys_platform": system, "platform_machine": machine}
     chosen = [d.name for d in deps if d.name.startswith("onnxruntime") and (d.marker is None or d.marker.evaluate(env))]
     assert chosen == [runtime]
+
+
+def test_the_grpc_port_is_published_wherever_the_http_port_is():
+    grpc = Settings().grpc_port
+    _, stages = dockerfile_stages()
+    assert str(grpc) in stage_text(stages["runtime"], "EXPOSE").split()
+    compose = load_compose(COMPOSE)
+    published = [interpolate(p).split(":") for name in ("archserve", "archserve-replica")
+                 for p in compose["services"][name]["ports"]]
+    assert sum(target == str(grpc) for _, target in published) == 2
+    hosts = [host for host, _ in published]
+    assert len(hosts) == len(set(hosts)), f"two services publish the same host port: {hosts}"
+    assert {"name": "grpc", "containerPort": grpc, "protocol": "TCP"} in container()["ports"]
+    assert any(p["targetPort"] == "grpc" and p["port"] == grpc for p in one("Service")["spec"]["ports"])

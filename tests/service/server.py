@@ -66,6 +66,7 @@ def running_server(wait_ready: bool = True, **settings):
     # The queue's time bound refuses what would wait over a second, which depends on this machine's speed and
     # load (a shared CI machine: seconds per batch): tests that check it set it; the others keep the count bound.
     settings.setdefault("max_queue_wait_ms", 0)
+    settings.setdefault("grpc_port", 0)  # no gRPC unless a test asks: 8001 may be taken, and tests run side by side
     app = create_app(Settings(host="127.0.0.1", port=port, **settings))
     try:
         with serving(app, port, "/health/ready" if wait_ready else "/health/live") as url:
@@ -141,6 +142,7 @@ def start_service(repo, port: int, *extra: str, log=None, env=None) -> subproces
     # longer, and these tests start many workers. An explicit --max-batch-size comes later and wins.
     env.setdefault("ARCHSERVE_MAX_BATCH_SIZE", "4")
     env.setdefault("ARCHSERVE_MAX_QUEUE_WAIT_MS", "0")  # as in running_server: only the tests of the bound set it
+    env.setdefault("ARCHSERVE_GRPC_PORT", "0")  # as in running_server; --grpc-port in ``extra`` wins
     return subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), "--models-dir", str(repo), "--log-level", "warning",
          *extra],

@@ -51,6 +51,31 @@ def test_json_logs_every_line_one_object_with_the_request_id_model_and_status(ex
     assert health_line["status"] == 200 and "model" not in health_line
 
 
+def test_a_grpc_call_has_its_access_line_and_request_id_too(exported_repo, tmp_path):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from tests.service.server import free_port
+
+    grpc_port = free_port()
+    with service_tree(exported_repo, tmp_path, "--models", "resnet18", "--log-format", "json", "--log-level", "info",
+                      "--grpc-port", str(grpc_port)) as (_, url, log_path):
+        wait_until(url, "/health/ready")
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        image = grpcclient.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([jpeg(64, 48)], dtype=object))
+        result = client.infer("resnet18", [image], headers={"x-request-id": "grpc-7"})
+        assert result.as_numpy("logits").shape == (1, 1000)
+        with pytest.raises(grpcclient.InferenceServerException):
+            client.infer("nope", [image], headers={"x-request-id": "grpc-8"})
+        client.close()
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    lines = {r["request_id"]: r for r in records if r["logger"] == "archserve.access" and "request_id" in r}
+    assert "gRPC ModelInfer" in lines["grpc-7"]["message"] and " OK " in lines["grpc-7"]["message"]
+    assert (lines["grpc-7"]["model"], lines["grpc-7"]["version"], lines["grpc-7"]["status"]) == ("resnet18", "1", 200)
+    assert lines["grpc-8"]["status"] == 404 and "NOT_FOUND" in lines["grpc-8"]["message"]
+
+
 def test_text_logs_put_the_request_id_on_the_access_line(exported_repo, tmp_path):
     with service_tree(exported_repo, tmp_path, "--models", "resnet18", "--log-level", "info") as (_, url, log_path):
         wait_until(url, "/health/ready")
