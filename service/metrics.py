@@ -235,7 +235,9 @@ class ExperimentMetrics(LabelledChildren):
             EXPERIMENT_LABELS, buckets=CONFIDENCE_BUCKETS, registry=registry,
         )
         self.shadow_images = Counter(
-            "archserve_shadow_images", "Images sent to a shadow variant, by outcome (done, shed, failed).",
+            "archserve_shadow_images",
+            "Images of a shadow variant by outcome: done, shed, failed, or skipped_identical (not run: the model "
+            "version serving the request is the shadow's own).",
             EXPERIMENT_LABELS + ("outcome",), registry=registry,
         )
         self.shadow_agreement = Counter(

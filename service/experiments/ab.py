@@ -37,18 +37,26 @@ class Route:
     variant: Variant
     served: ServedModel
     shadows: tuple[tuple[Variant, ServedModel], ...] = ()
+    identical: tuple[Variant, ...] = ()  # shadows skipped: the very model version that serves the request
 
 
 def route(models: ModelTable, experiment: Experiment, key: str | None) -> Route:
-    """The variant (sticky by ``key``, else weighted random) and the shadows still served."""
+    """The variant (sticky by ``key``, else weighted random) and the shadows still served, less those that
+    would run the serving model version again (their "comparison" would be the model with itself)."""
     variant = choose_variant(experiment, key)
-    shadows = []
+    served = models.get(variant.model, variant.version)
+    shadows, identical = [], []
     for shadow in experiment.shadows:
         try:
-            shadows.append((shadow, models.get(shadow.model, shadow.version)))
+            model = models.get(shadow.model, shadow.version)
         except NotFoundError:
             continue  # unloaded since the experiments were validated: the primary still serves
-    return Route(experiment, variant, models.get(variant.model, variant.version), tuple(shadows))
+        # Compared as resolved: "googlenet" (latest) and "googlenet@1" are the same run when 1 is the latest.
+        if (model.name, model.version) == (served.name, served.version):
+            identical.append(shadow)
+        else:
+            shadows.append((shadow, model))
+    return Route(experiment, variant, served, tuple(shadows), tuple(identical))
 
 
 def observe_request(metrics: ExperimentMetrics, route: Route, code: int, elapsed_s: float) -> None:
@@ -69,6 +77,8 @@ async def record_and_shadow(
     for primary in primaries:
         confidence.observe(primary.top5_scores[0])
     await _write(state.store_writer, metrics, primaries)
+    for shadow in route.identical:  # counted, so a dashboard shows why such a shadow runs less often
+        metrics.shadow_images.labels(route.experiment.name, shadow.name, "skipped_identical").inc(len(logits))
     for (shadow, model), arrays in zip(route.shadows, shadow_arrays):
         state.spawn(_run_shadow(state, route.experiment, shadow, model, request_id, arrays, primaries))
 
