@@ -15,6 +15,7 @@ import abc
 from collections.abc import Sequence
 from typing import Literal
 
+from .decisions import GuardrailDecision
 from .records import ExperimentData, PredictionRecord
 
 FeedbackOutcome = Literal["created", "duplicate"]
@@ -89,6 +90,15 @@ class ExperimentStore(abc.ABC):
     @abc.abstractmethod
     def counts(self) -> dict[str, int]:
         """``{"predictions": n, "feedback": n}``, for health and debugging."""
+
+    def record_decision(self, decision: GuardrailDecision) -> GuardrailDecision:
+        """Store a guardrail decision unless one with its (experiment, variant, fingerprint) is stored; return
+        the stored one (the first writer's, whichever process that was)."""
+        raise StoreError(f"{type(self).__name__} keeps no guardrail decisions")
+
+    def decisions(self, experiment: str) -> list[GuardrailDecision]:
+        """The experiment's guardrail decisions, oldest first."""
+        raise StoreError(f"{type(self).__name__} keeps no guardrail decisions")
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -64,6 +64,12 @@ class LazyStore(ExperimentStore):
     def counts(self):
         return self._get().counts()
 
+    def record_decision(self, decision):
+        return self._get().record_decision(decision)
+
+    def decisions(self, experiment):
+        return self._get().decisions(experiment)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

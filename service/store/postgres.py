@@ -44,6 +44,7 @@ from .base import (
     FeedbackOutcome,
     StoreError,
 )
+from .decisions import PostgresDecisions
 from .postgres_errors import TransientError, describe_url, parse_error, translate_errors
 from .postgres_schema import LOCK_ARGS, PRUNE_LOCK, migrate
 from .records import ExperimentData, LabelledPrediction, PredictionRecord, ShadowPair
@@ -73,7 +74,7 @@ def _record_of(row: Sequence, start: int = 0) -> PredictionRecord:
     return record_of(row, list, start)
 
 
-class PostgresStore(PruneSchedule, ExperimentStore):
+class PostgresStore(PostgresDecisions, PruneSchedule, ExperimentStore):
     def __init__(
         self,
         url: str,

@@ -14,10 +14,11 @@ import logging
 import psycopg
 
 from .base import StoreError
+from .decisions import POSTGRES_TABLE
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # archserve_schema_version.version of a database this code writes
+SCHEMA_VERSION = 2  # archserve_schema_version.version of a database this code writes
 
 # Text columns compare and sort bytewise (COLLATE "C"), as in SQLite, whatever the database's locale.
 SCHEMA = (
@@ -50,6 +51,7 @@ SCHEMA = (
         PRIMARY KEY (request_id, image_index)
     )
     """,
+    POSTGRES_TABLE,  # guardrail decisions (service.store.decisions)
 )
 VERSION_TABLE = """
     CREATE TABLE IF NOT EXISTS archserve_schema_version (
@@ -60,7 +62,7 @@ VERSION_TABLE = """
 """
 
 # Statements that take a database from version N-1 to N, for N in 2..SCHEMA_VERSION.
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+MIGRATIONS: dict[int, tuple[str, ...]] = {2: (POSTGRES_TABLE,)}
 
 # Advisory lock keys (first half; the second is a hash of the schema, so each schema has its own).
 MIGRATION_LOCK = 0x41726D31  # "Arm1"

@@ -35,12 +35,13 @@ from .base import (
     FeedbackOutcome,
     StoreError,
 )
+from .decisions import SQLITE_TABLE, SQLiteDecisions
 from .records import ExperimentData, LabelledPrediction, PredictionRecord, ShadowPair
 from .rows import COLUMNS, N_COLUMNS, PruneSchedule, check_feedback, columns, record_of, row_of
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # PRAGMA user_version of a database this code writes
+SCHEMA_VERSION = 2  # PRAGMA user_version of a database this code writes
 
 _SCHEMA = (
     """
@@ -71,10 +72,11 @@ _SCHEMA = (
         PRIMARY KEY (request_id, image_index)
     )
     """,
+    SQLITE_TABLE,  # guardrail decisions (service.store.decisions)
 )
 
 # Statements that take a database from version N-1 to N, for N in 2..SCHEMA_VERSION.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {2: (SQLITE_TABLE,)}
 
 _INSERT = f"INSERT INTO predictions ({COLUMNS}) VALUES ({', '.join('?' * N_COLUMNS)}) ON CONFLICT DO NOTHING"
 _PRUNE_CHUNK = 5000  # rows deleted per transaction, so other writers wait briefly
@@ -97,7 +99,7 @@ def _record_of(row: Sequence, start: int = 0) -> PredictionRecord:
     return record_of(row, json.loads, start)
 
 
-class SQLiteStore(PruneSchedule, ExperimentStore):
+class SQLiteStore(SQLiteDecisions, PruneSchedule, ExperimentStore):
     def __init__(
         self,
         path: str | Path,

@@ -521,7 +521,7 @@ def test_sqlite_creates_parent_directories_and_sets_user_version(tmp_path: Path)
     with SQLiteStore(path) as store:
         store.record([rec("r1")])
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_wal_mode_and_indexes(sqlite_store: SQLiteStore, tmp_path: Path) -> None:
@@ -589,7 +589,7 @@ def test_postgres_schema_version_indexes_and_plans(pg_url: str) -> None:
     with PostgresStore(pg_url) as store:
         store.record([rec("r1")])
         with raw_pg(pg_url) as raw:
-            assert raw.execute("SELECT version FROM archserve_schema_version").fetchall() == [(1,)]
+            assert raw.execute("SELECT version FROM archserve_schema_version").fetchall() == [(2,)]
             indexes = {
                 r[0] for r in raw.execute("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")
             }
@@ -642,7 +642,7 @@ def test_postgres_replicas_starting_together_create_the_schema_once(pg_url: str)
         for s in opened:
             s.close()
     with raw_pg(pg_url) as raw:
-        assert raw.execute("SELECT version FROM archserve_schema_version").fetchall() == [(1,)]
+        assert raw.execute("SELECT version FROM archserve_schema_version").fetchall() == [(2,)]
 
 
 def test_postgres_unreachable_says_what_to_do_and_hides_the_password(caplog: pytest.LogCaptureFixture) -> None:
