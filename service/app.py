@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.config import STARTUP_FAILURE
 
 from .errors import ServiceError
+from .experiments import guardrails
 from .experiments.runtime import Experiments, served_check_from_plan
 from .grpc import server as grpc_server
 from .logs import RequestLogMiddleware
@@ -100,6 +101,8 @@ def _build_app(settings: Settings) -> FastAPI:
             loading = asyncio.create_task(load_then_poll())
         if state.store_writer is not None:
             state.spawn(state.store_writer.run(), daemon=True)
+        if app.state.guardrails is not None:
+            state.spawn(app.state.guardrails.run(), daemon=True)
         experiments.install_reload_signal(app)
         rpc = None
         try:
@@ -151,6 +154,7 @@ def _build_app(settings: Settings) -> FastAPI:
         decode_pool=ThreadPoolExecutor(settings.decode_thread_count(), thread_name_prefix=DECODE,
                                        initializer=name_os_thread),
     )
+    app.state.guardrails = guardrails.install(app.state.archserve)  # stored pauses apply before any request
     app.state.engine_client = None  # a front-end's EngineClient, set at startup with an engine process
     app.include_router(classify.router)
     app.include_router(experiments.router)

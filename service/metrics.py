@@ -263,6 +263,13 @@ class ExperimentMetrics(LabelledChildren):
             "Labelled images whose true class was in the variant's top-k (k=1 or 5).",
             EXPERIMENT_LABELS + ("k",), registry=registry,
         )
+        self.guardrail_breached = Gauge(
+            "archserve_experiment_guardrail_breached",
+            "1 while a guardrail decision (pause or alert) stands against a variant, by the guardrail that fired.",
+            EXPERIMENT_LABELS + ("guardrail",), registry=registry, multiprocess_mode="livemax",
+        )
+        # (experiment, variant) -> [answers, 5xx answers] in this process, for the error_rate guardrail.
+        self.answers: dict[tuple[str, str], list[int]] = {}
         self.store_errors = Counter(
             "archserve_store_errors",
             "Prediction-log writes that failed and were buffered for retry (the request was still answered).",

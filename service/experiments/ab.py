@@ -63,6 +63,9 @@ def observe_request(metrics: ExperimentMetrics, route: Route, code: int, elapsed
     labels = (route.experiment.name, route.variant.name)
     metrics.child(metrics.requests, *labels, str(code)).inc()
     metrics.child(metrics.latency, *labels).observe(elapsed_s)
+    counts = metrics.answers.setdefault(labels, [0, 0])
+    counts[0] += 1
+    counts[1] += code >= 500  # 5xx, the deadline's 504 included: what the error_rate guardrail counts
 
 
 async def record_and_shadow(

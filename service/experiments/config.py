@@ -9,6 +9,7 @@ experiments:
       - {name: se, model: se_resnet50, version: 1, weight: 10}
     shadows:                        # optional: run on a copy of each image, never returned
       - {model: inception_v3}
+    guardrails: {accuracy: {max_drop: 0.02}}  # optional: see guardrails_config
 ```
 
 A variant's ``name`` defaults to its model (``model@version`` when pinned).
@@ -26,6 +27,8 @@ from typing import Callable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .guardrails_config import Guardrails, GuardrailsSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]{1,64}$")
@@ -69,6 +72,7 @@ class ExperimentSpec(BaseModel):
     shadows: list[ShadowSpec] = Field(default_factory=list)
     sticky_key: str | None = None
     description: str = ""
+    guardrails: GuardrailsSpec | None = None  # see service.experiments.guardrails_config
 
     @field_validator("name")
     @classmethod
@@ -105,6 +109,7 @@ class Experiment:
     shadows: tuple[Variant, ...]
     sticky_key: str | None
     description: str = ""
+    guardrails: Guardrails | None = None
 
     def describe(self) -> dict:
         def variant(v: Variant) -> dict:
@@ -167,6 +172,7 @@ def parse_experiments(text: str, source: str, is_served: ServedCheck) -> dict[st
             shadows=tuple(Variant(s.label, s.model, s.version, 0) for s in spec.shadows),
             sticky_key=spec.sticky_key,
             description=spec.description,
+            guardrails=spec.guardrails.freeze() if spec.guardrails else None,
         )
     return experiments
 

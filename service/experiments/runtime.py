@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..models.served import ModelTable
 from .config import Experiment, ServedCheck, load_experiments
@@ -43,13 +44,17 @@ class Experiments:
     current: dict[str, Experiment] = field(default_factory=dict)
     loaded_at: float | None = None
     shed: dict[tuple[str, str], int] = field(default_factory=dict)  # (experiment, shadow) -> images shed
+    configured: dict[str, Experiment] = field(default_factory=dict)  # as the file says, before guardrail pauses
+    # Applies the guardrails' pauses to a freshly loaded set (service.experiments.guardrails installs it).
+    overlay: Callable[[dict[str, Experiment]], dict[str, Experiment]] | None = None
 
     def load(self, check: ServedCheck) -> dict[str, Experiment]:
         """Read and validate the file; replace the current set only if it is entirely valid."""
         if self.path is None:
             return self.current
         experiments = load_experiments(self.path, check)
-        self.current = experiments
+        self.configured = experiments
+        self.current = self.overlay(experiments) if self.overlay else experiments
         self.loaded_at = time.time()
         return experiments
 

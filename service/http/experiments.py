@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from ..errors import BadRequestError, NotFoundError, ServiceError, ServiceUnavailableError
 from ..experiments.config import Experiment, ExperimentConfigError
 from ..experiments.report import build_report
+from ..experiments.guardrails_html import with_guardrails
 from ..experiments.report_html import render_report_html
 from ..experiments.runtime import served_check_from_table
 from ..state import AppState
@@ -197,7 +198,7 @@ def _label_index(state: AppState, model: str, version: int, label: int | str) ->
         ) from None
 
 
-async def _report(state: AppState, name: str) -> dict:
+async def _report(state: AppState, name: str, keeper=None) -> dict:
     experiment = _experiment(state, name)
     if state.store is None:
         raise NotFoundError("no experiment store is configured")
@@ -213,12 +214,15 @@ async def _report(state: AppState, name: str) -> dict:
             served = versions.get(variant.version) if variant.version else versions[max(versions)]
             if served is not None:
                 labels[variant.name] = list(served.manifest.labels)
-    return build_report(
+    report = build_report(
         data,
         variants=[v.name for v in experiment.variants],
         shadows=[s.name for s in experiment.shadows],
         labels=labels,
     )
+    if keeper is not None:
+        report["guardrails"] = await asyncio.to_thread(keeper.report_block, name)
+    return report
 
 
 _REPORT_ERRORS = errors(404, 500, 503, s404="No such experiment, or no experiment store (not_found)",
@@ -228,10 +232,11 @@ _REPORT_ERRORS = errors(404, 500, 503, s404="No such experiment, or no experimen
 @router.get("/experiments/{name}/report", response_model=ExperimentReport, responses=_REPORT_ERRORS,
             summary="The comparison, with confidence intervals and a verdict", operation_id="experiment_report")
 async def report(request: Request, name: str) -> dict:
-    return await _report(_state(request), name)
+    return await _report(_state(request), name, request.app.state.guardrails)
 
 
 @router.get("/experiments/{name}/report.html", response_class=HTMLResponse, responses=_REPORT_ERRORS,
             summary="The report as a page", operation_id="experiment_report_html")
 async def report_html(request: Request, name: str) -> HTMLResponse:
-    return HTMLResponse(render_report_html(await _report(_state(request), name)))
+    report = await _report(_state(request), name, request.app.state.guardrails)
+    return HTMLResponse(with_guardrails(render_report_html(report), report.get("guardrails")))

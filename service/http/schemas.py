@@ -198,6 +198,7 @@ class ExperimentReport(BaseModel):
     shadow_shed: dict[str, int]
     timeseries: dict[str, Any]
     unlisted: dict[str, int]
+    guardrails: dict[str, Any] | None = None  # service.experiments.guardrails.GuardrailKeeper.report_block
 
 
 # ----------------------------------------------------------------------------- health and the repository
