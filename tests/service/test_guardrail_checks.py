@@ -46,3 +46,40 @@ def test_latency_and_error_rate_thresholds():
     guardrail, evidence = check_variant(g, "v", "c", {"v": figs(100, latency_s=0.01)}, (200, 3))
     assert guardrail == "error_rate" and evidence["error_rate"] == 0.015
     assert check_variant(g, "v", "c", {"v": figs(100)}, (99, 50)) is None  # too few answers counted
+
+
+def test_the_control_and_the_last_variant_with_traffic_are_flagged_never_paused():
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from service.experiments.config import Experiment, Variant
+    from service.experiments.guardrails import GuardrailKeeper
+    from service.experiments.runtime import Experiments
+    from service.metrics import ExperimentMetrics
+    from service.store.records import PredictionRecord
+    from service.store.sqlite import SQLiteStore
+
+    g = rails(min_images=5, latency_p99_ms=10, interval_s=0.1)
+    # The control takes no traffic in the file (weight 0); b and c split it; every variant is too slow.
+    experiment = Experiment("e", (Variant("a", "m", None, 0), Variant("b", "m", None, 1), Variant("c", "m", None, 1)),
+                            (), None, guardrails=g)
+    with SQLiteStore(":memory:") as store:
+        store.record([
+            PredictionRecord(f"{v}{i}", 0, "e", v, "primary", "m", 1, (1,), (0.9,), 0.5, 100.0 + i)
+            for v in "abc" for i in range(5)
+        ])
+        experiments = Experiments(None, current={"e": experiment}, configured={"e": experiment})
+        state = SimpleNamespace(store=store, experiments=experiments,
+                                experiment_metrics=ExperimentMetrics(CollectorRegistry()))
+        keeper = GuardrailKeeper(state)
+        keeper.evaluate()
+        keeper.apply()
+        decisions = {d.variant: d for d in store.decisions("e")}
+        assert {v: d.action for v, d in decisions.items()} == {"a": "alert", "b": "pause", "c": "alert"}
+        assert decisions["a"].evidence["not_paused"] == "the control is never paused"
+        assert decisions["c"].evidence["not_paused"] == "the last variant with traffic is never paused"
+        assert [v.weight for v in experiments.current["e"].variants] == [0, 0, 1]  # c keeps the traffic
+        keeper.evaluate()  # again: nothing new, nothing lifted (no flapping)
+        assert len(store.decisions("e")) == 3
+        assert [v.weight for v in keeper.overlay({"e": experiment})["e"].variants] == [0, 0, 1]
