@@ -261,6 +261,12 @@ class ExperimentMetrics(LabelledChildren):
             "Labelled images whose true class was in the variant's top-k (k=1 or 5).",
             EXPERIMENT_LABELS + ("k",), registry=registry,
         )
+        self.variant_model = Gauge(
+            "archserve_experiment_variant_model",
+            "1 for each model version an experiment variant has served: joins the per-model series (compute per "
+            "image) to variants.",
+            EXPERIMENT_LABELS + LABELS, registry=registry, multiprocess_mode="max",  # one series, not one per pid
+        )
         self.store_errors = Counter(
             "archserve_store_errors",
             "Prediction-log writes that failed and were buffered for retry (the request was still answered).",

@@ -55,6 +55,7 @@ def observe_request(metrics: ExperimentMetrics, route: Route, code: int, elapsed
     labels = (route.experiment.name, route.variant.name)
     metrics.child(metrics.requests, *labels, str(code)).inc()
     metrics.child(metrics.latency, *labels).observe(elapsed_s)
+    metrics.child(metrics.variant_model, *labels, route.served.name, str(route.served.version)).set(1)
 
 
 async def record_and_shadow(

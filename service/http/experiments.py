@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import BadRequestError, NotFoundError, ServiceError, ServiceUnavailableError
 from ..experiments.config import Experiment, ExperimentConfigError
+from ..experiments.cost import add_cost, measured_compute, variant_models
 from ..experiments.report import build_report
 from ..experiments.report_html import render_report_html
 from ..experiments.runtime import served_check_from_table
@@ -213,12 +214,15 @@ async def _report(state: AppState, name: str) -> dict:
             served = versions.get(variant.version) if variant.version else versions[max(versions)]
             if served is not None:
                 labels[variant.name] = list(served.manifest.labels)
-    return build_report(
+    report = build_report(
         data,
         variants=[v.name for v in experiment.variants],
         shadows=[s.name for s in experiment.shadows],
         labels=labels,
     )
+    measured = measured_compute(state.metrics.registry)
+    add_cost(report, variant_models(state.models, list(experiment.variants)), measured)
+    return report
 
 
 _REPORT_ERRORS = errors(404, 500, 503, s404="No such experiment, or no experiment store (not_found)",
