@@ -222,6 +222,9 @@ async def _report(state: AppState, name: str) -> dict:
     )
     measured = measured_compute(state.metrics.registry)
     add_cost(report, variant_models(state.models, list(experiment.variants)), measured)
+    if experiment.bandit is not None:  # the posteriors of the data just read: the report and the shares agree
+        experiment.bandit.update(data, time.time())
+    report["bandit"] = experiment.bandit.describe() if experiment.bandit is not None else None
     return report
 
 

@@ -142,7 +142,7 @@ class VariantDescription(BaseModel):
     model: str
     version: int | None = Field(description="null: the model's latest served version")
     weight: int
-    share: float = Field(description="Its share of the traffic")
+    share: float = Field(description="Its share of the traffic (the bandit's current share under thompson)")
     served_version: int | None = Field(description="The version serving it now")
 
 
@@ -157,6 +157,7 @@ class ExperimentDescription(BaseModel):
     name: str
     description: str
     sticky_key: str | None = Field(description="The request header that keeps a client on one variant")
+    allocation: str = Field("fixed", description="fixed: the weights; thompson: bandit shares (see the report)")
     variants: list[VariantDescription]
     shadows: list[ShadowDescription]
 
@@ -198,6 +199,7 @@ class ExperimentReport(BaseModel):
     shadow_shed: dict[str, int]
     timeseries: dict[str, Any]
     unlisted: dict[str, int]
+    bandit: dict[str, Any] | None = Field(None, description="allocation: thompson only (service.experiments.bandit)")
 
 
 # ----------------------------------------------------------------------------- health and the repository
