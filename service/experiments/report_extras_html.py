@@ -37,3 +37,27 @@ def cost_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "summary": cost.get("summary") or "",
         })
     return rows
+
+
+def bandit_view(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The bandit section (``allocation: thompson``), or None for fixed weights."""
+    bandit = report.get("bandit")
+    if not bandit:
+        return None
+    settings = bandit.get("settings") or {}
+    phase = bandit.get("phase")
+    return {
+        "phase": ("warm-up: the YAML weights until every variant has "
+                  f"{settings.get('warmup_images')} labelled images") if phase == "warmup"
+        else "Thompson sampling: each share is the floored probability of being the best variant",
+        "settings": f"floor {settings.get('floor')}, refresh every {settings.get('refresh_s')} s, "
+                    f"sticky window {settings.get('sticky_window_s')} s, {settings.get('draws')} draws",
+        "regret": _fmt(bandit.get("expected_regret"), ".1f"),
+        "arms": [{
+            "name": a.get("name"), "alpha": a.get("alpha"), "beta": a.get("beta"),
+            "mean": _fmt(a.get("mean"), ".1f", 100.0, "%"),
+            "interval": f"[{_fmt(a.get('low'), '.1f', 100.0)} \u2013 {_fmt(a.get('high'), '.1f', 100.0)}]",
+            "labelled": a.get("labelled"), "p_best": _fmt(a.get("p_best"), ".1f", 100.0, "%"),
+            "share": _fmt(a.get("share"), ".1f", 100.0, "%"),
+        } for a in bandit.get("arms") or []],
+    }

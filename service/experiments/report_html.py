@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import jinja2
 
-from .report_extras_html import cost_rows
+from .report_extras_html import bandit_view, cost_rows
 
 __all__ = ["render_report_html"]
 
@@ -372,4 +372,5 @@ def render_report_html(report: dict[str, Any]) -> str:
         shadows=[_shadow_row(c) for c in report.get("shadow_comparisons") or []],
         shed=", ".join(f"{k}: {n}" for k, n in (report.get("shadow_shed") or {}).items()),
         cost=cost_rows(report),
+        bandit=bandit_view(report),
     )

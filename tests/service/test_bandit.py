@@ -205,3 +205,15 @@ def test_fixed_is_the_default_and_a_paused_variant_is_no_arm():
                       .replace("variants:", "variants:\n      - {name: g, model: googlenet, weight: 2}")).values()
     assert paused.bandit.arms == ("g", "control") and paused.bandit.shares == {"g": 2 / 3, "control": 1 / 3}
     assert {choose_variant(paused, f"k{i}").name for i in range(300)} == {"g", "control"}
+
+
+def test_the_report_page_shows_each_arm_and_the_regret():
+    from service.experiments.report_html import render_report_html
+
+    state = BanditState("e", BanditSpec(warmup_images=5), ["a", "b"], [1, 1])
+    state.set_counts({"a": (3, 7), "b": (8, 2)}, now=1.0)
+    page = render_report_html({"experiment": "e", "variants": [], "bandit": state.describe()})
+    assert "Bandit allocation" in page and "Thompson sampling" in page
+    assert "<td>b</td><td class=\"num\">9</td><td class=\"num\">3</td><td class=\"num\">75.0%" in page
+    assert f"Expected regret so far: {10 * (9 / 12 - 4 / 12):.1f}" in page
+    assert "Bandit allocation" not in render_report_html({"experiment": "e", "variants": [], "bandit": None})
