@@ -68,3 +68,27 @@ def test_the_page_shows_the_cost_table_and_line():
     page = render_report_html(report)
     assert "Cost per variant" in page and "25.6 M" in page and "4.50 ms" in page and "+1.50 ms" in page
     assert "costs +50% compute per image" in page
+
+
+# A worker process: one model's batches, observed as served.py's batch observer does, in multiprocess mode.
+WORKER = """
+from service.metrics import Metrics
+m = Metrics(None)
+for size, run_s in ((4, 0.02), (1, 0.01)):
+    m.batch_size.labels("resnet18", "1").observe(size)
+    m.inference_latency.labels("resnet18", "1").observe(run_s)
+"""
+
+
+def test_with_several_workers_every_process_counts(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for _ in range(2):  # two workers (or a worker and the engine), each with its own batches
+        subprocess.run([sys.executable, "-c", WORKER], env=env, check=True)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    measured = measured_compute(CollectorRegistry())  # this process's registry is empty: the files count
+    seconds, images = measured[("resnet18", "1")]
+    assert images == 10 and abs(seconds - 0.06) < 1e-12
