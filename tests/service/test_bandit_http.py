@@ -115,3 +115,35 @@ def test_shares_move_to_the_better_variant_after_feedback(bandit_repo, tmp_path,
         metrics = httpx.get(f"{url}/metrics").text
         assert 'archserve_experiment_variant_model{experiment="bandit-ab",model="googlenet",variant="better",' \
                'version="1"} 1.0' in metrics
+
+
+def test_several_workers_agree_on_the_shares_and_the_compute_per_image(bandit_repo, tmp_path):
+    """Two front-ends and the engine: every worker reads the same store (same shares, seeded from the same
+    counts) and the same metrics directory (the engine's batches, whichever worker reports)."""
+    from tests.service.server import COLD, first_answer, service_tree
+
+    experiments = tmp_path / "experiments.yaml"
+    experiments.write_text(EXPERIMENTS)
+    env = {**COLD, "ARCHSERVE_EXPERIMENTS_FILE": str(experiments), "ARCHSERVE_STORE_PATH": str(tmp_path / "s.db")}
+    with service_tree(bandit_repo, tmp_path, "--workers", "2", "--device", "cpu", env=env) as (_, url, _):
+        assert first_answer(url, "/health/ready").status_code == 200
+        served = [classify(url, seed) for seed in range(16)]
+        for variant, request_id, top1 in served:
+            label = top1 if variant == "better" else (top1 + 1) % 1000
+            assert httpx.post(f"{url}/feedback", json={"request_id": request_id, "label": label}).status_code == 200
+
+        calls = [len(served)]
+
+        def agreed():
+            for seed in range(6):  # requests land on both workers and trigger their refreshes
+                classify(url, seed)
+            calls[0] += 6
+            seen = {tuple(sorted(shares(url).items())) for _ in range(12)}  # listings from both workers
+            return len(seen) == 1 and dict(next(iter(seen)))["better"] >= 0.8
+        wait_for(agreed, timeout=60)
+
+        def measured():  # every worker sees every image's batch (run in the engine): the same totals
+            reports = [httpx.get(f"{url}/experiments/bandit-ab/report").json() for _ in range(6)]
+            assert all(v["cost"]["compute_s_per_image"] > 0 for r in reports for v in r["variants"])
+            return {sum(v["cost"]["measured_images"] for v in r["variants"]) for r in reports} == {calls[0]}
+        wait_for(measured, timeout=10)
