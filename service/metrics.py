@@ -270,6 +270,12 @@ class ExperimentMetrics(LabelledChildren):
         )
         # (experiment, variant) -> [answers, 5xx answers] in this process, for the error_rate guardrail.
         self.answers: dict[tuple[str, str], list[int]] = {}
+        self.variant_model = Gauge(
+            "archserve_experiment_variant_model",
+            "1 for each model version an experiment variant has served: joins the per-model series (compute per "
+            "image) to variants.",
+            EXPERIMENT_LABELS + LABELS, registry=registry, multiprocess_mode="max",  # one series, not one per pid
+        )
         self.store_errors = Counter(
             "archserve_store_errors",
             "Prediction-log writes that failed and were buffered for retry (the request was still answered).",

@@ -234,6 +234,8 @@ def _route(state: AppState, request: Request, name: str, version, experiments: b
     if version is not None:
         raise NotFoundError(f"{name!r} is an experiment, which has no versions; POST /classify/{name}")
     key = request.headers.get(experiment.sticky_key) if experiment.sticky_key else None
+    if experiment.bandit is not None:  # a background refresh of the posteriors when one is due, never a wait
+        experiment.bandit.maybe_refresh(state.store, state.spawn, time.monotonic())
     return ab.route(state.models, experiment, key)
 
 

@@ -66,6 +66,7 @@ def observe_request(metrics: ExperimentMetrics, route: Route, code: int, elapsed
     counts = metrics.answers.setdefault(labels, [0, 0])
     counts[0] += 1
     counts[1] += code >= 500  # 5xx, the deadline's 504 included: what the error_rate guardrail counts
+    metrics.child(metrics.variant_model, *labels, route.served.name, str(route.served.version)).set(1)
 
 
 async def record_and_shadow(

@@ -21,14 +21,15 @@ with the experiment and variant they concern; nothing is half-applied.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .guardrails_config import Guardrails, GuardrailsSpec
+from .bandit import BanditSpec, BanditState, check_spec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]{1,64}$")
@@ -73,6 +74,8 @@ class ExperimentSpec(BaseModel):
     sticky_key: str | None = None
     description: str = ""
     guardrails: GuardrailsSpec | None = None  # see service.experiments.guardrails_config
+    allocation: Literal["fixed", "thompson"] = "fixed"  # thompson: see service.experiments.bandit
+    bandit: BanditSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -110,17 +113,21 @@ class Experiment:
     sticky_key: str | None
     description: str = ""
     guardrails: Guardrails | None = None
+    allocation: str = "fixed"
+    bandit: BanditState | None = field(default=None, compare=False, repr=False)  # live shares when thompson
 
     def describe(self) -> dict:
         def variant(v: Variant) -> dict:
             return {"name": v.name, "model": v.model, "version": v.version, "weight": v.weight}
 
         total = sum(v.weight for v in self.variants)
+        shares = self.bandit.shares if self.bandit else {v.name: v.weight / total for v in self.variants}
         return {
             "name": self.name,
             "description": self.description,
             "sticky_key": self.sticky_key,
-            "variants": [variant(v) | {"share": v.weight / total} for v in self.variants],
+            "allocation": self.allocation,
+            "variants": [variant(v) | {"share": shares.get(v.name, 0.0)} for v in self.variants],
             "shadows": [{"name": s.name, "model": s.model, "version": s.version} for s in self.shadows],
         }
 
@@ -166,6 +173,12 @@ def parse_experiments(text: str, source: str, is_served: ServedCheck) -> dict[st
             problem = is_served(entry.model, entry.version)
             if problem is not None:
                 raise ExperimentConfigError(f"{where}, variant {entry.label!r}: {problem}")
+        arms = [v for v in spec.variants if v.weight > 0]  # weight 0 pauses a variant, under a bandit too
+        if spec.bandit is not None and spec.allocation != "thompson":
+            raise ExperimentConfigError(f"{where}: a bandit block needs allocation: thompson (it is {spec.allocation})")
+        bandit_spec = spec.bandit or BanditSpec()
+        if spec.allocation == "thompson" and (problem := check_spec(bandit_spec, len(arms))):
+            raise ExperimentConfigError(f"{where}: {problem}")
         experiments[spec.name] = Experiment(
             name=spec.name,
             variants=tuple(Variant(v.label, v.model, v.version, v.weight) for v in spec.variants),
@@ -173,6 +186,9 @@ def parse_experiments(text: str, source: str, is_served: ServedCheck) -> dict[st
             sticky_key=spec.sticky_key,
             description=spec.description,
             guardrails=spec.guardrails.freeze() if spec.guardrails else None,
+            allocation=spec.allocation,
+            bandit=BanditState(spec.name, bandit_spec, [v.label for v in arms], [v.weight for v in arms])
+            if spec.allocation == "thompson" else None,
         )
     return experiments
 

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import jinja2
 
+from .report_extras_html import bandit_view, cost_rows
+
 __all__ = ["render_report_html"]
 
 PALETTE = ("#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#65a30d", "#dc2626")
@@ -369,4 +371,6 @@ def render_report_html(report: dict[str, Any]) -> str:
         accuracy=_accuracy_chart(report),
         shadows=[_shadow_row(c) for c in report.get("shadow_comparisons") or []],
         shed=", ".join(f"{k}: {n}" for k, n in (report.get("shadow_shed") or {}).items()),
+        cost=cost_rows(report),
+        bandit=bandit_view(report),
     )

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import BadRequestError, NotFoundError, ServiceError, ServiceUnavailableError
 from ..experiments.config import Experiment, ExperimentConfigError
+from ..experiments.cost import add_cost, measured_compute, variant_models
 from ..experiments.report import build_report
 from ..experiments.guardrails_html import with_guardrails
 from ..experiments.report_html import render_report_html
@@ -222,6 +223,11 @@ async def _report(state: AppState, name: str, keeper=None) -> dict:
     )
     if keeper is not None:
         report["guardrails"] = await asyncio.to_thread(keeper.report_block, name)
+    measured = measured_compute(state.metrics.registry)
+    add_cost(report, variant_models(state.models, list(experiment.variants)), measured)
+    if experiment.bandit is not None:  # the posteriors of the data just read: the report and the shares agree
+        experiment.bandit.update(data, time.time())
+    report["bandit"] = experiment.bandit.describe() if experiment.bandit is not None else None
     return report
 
 

@@ -142,7 +142,7 @@ class VariantDescription(BaseModel):
     model: str
     version: int | None = Field(description="null: the model's latest served version")
     weight: int
-    share: float = Field(description="Its share of the traffic")
+    share: float = Field(description="Its share of the traffic (the bandit's current share under thompson)")
     served_version: int | None = Field(description="The version serving it now")
 
 
@@ -157,6 +157,7 @@ class ExperimentDescription(BaseModel):
     name: str
     description: str
     sticky_key: str | None = Field(description="The request header that keeps a client on one variant")
+    allocation: str = Field("fixed", description="fixed: the weights; thompson: bandit shares (see the report)")
     variants: list[VariantDescription]
     shadows: list[ShadowDescription]
 
@@ -199,6 +200,7 @@ class ExperimentReport(BaseModel):
     timeseries: dict[str, Any]
     unlisted: dict[str, int]
     guardrails: dict[str, Any] | None = None  # service.experiments.guardrails.GuardrailKeeper.report_block
+    bandit: dict[str, Any] | None = Field(None, description="allocation: thompson only (service.experiments.bandit)")
 
 
 # ----------------------------------------------------------------------------- health and the repository
