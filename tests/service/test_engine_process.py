@@ -295,18 +295,19 @@ experiments:
       - {name: a, model: resnet18, weight: 1}
       - {name: b, model: resnet18, weight: 1}
     shadows:
-      - {name: s, model: resnet18}
+      - {name: s, model: googlenet}  # not a variant's model: a shadow identical to the serving variant is skipped
 """
 
 
-def test_experiments_with_shadows_and_their_reload_reach_every_front_end(exported_repo, tmp_path):
+def test_experiments_with_shadows_and_their_reload_reach_every_front_end(experiment_repo, tmp_path):
     """An experiment's shadows run in the engine's low-priority lane from any front-end, and POST
     /experiments/reload to one front-end re-reads the file in all of them (200, not 409)."""
     experiments = tmp_path / "experiments.yaml"
     experiments.write_text(EXPERIMENT)
     env = {**COLD, "ARCHSERVE_EXPERIMENTS_FILE": str(experiments), "ARCHSERVE_ADMIN_TOKEN": "secret",
            "ARCHSERVE_STORE_PATH": str(tmp_path / "store.sqlite3")}
-    with service_tree(exported_repo, tmp_path, "--workers", "2", "--device", "cpu", env=env) as (_, url, log):
+    with service_tree(experiment_repo, tmp_path, "--workers", "2", "--device", "cpu", "--models", "resnet18,googlenet",
+                      env=env) as (_, url, log):
         assert first_answer(url, "/health/ready").status_code == 200
         for _ in range(6):
             with httpx.Client(timeout=60) as client:
