@@ -184,11 +184,18 @@ def _multipart(count: int) -> tuple[bytes, str]:
     return parts + b"--%s--\r\n" % boundary.encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def _in_flight(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("archserve_inflight_requests{"))
+
+
 def test_a_request_still_running_when_the_grace_period_ends_gets_503_not_500(exported_repo, tmp_path):
     """8 clients each send 32 images; SIGTERM with a grace period of 1 s, when most are still queued. Before,
     uvicorn cancelled them into a text/plain 500 and a CancelledError traceback."""
     port, log = free_port(), tmp_path / "service.log"
-    env = {**COLD, "ARCHSERVE_GRACEFUL_SHUTDOWN_S": "1", "ARCHSERVE_MAX_BATCH_SIZE": "32"}
+    env = {**COLD, "ARCHSERVE_GRACEFUL_SHUTDOWN_S": "1", "ARCHSERVE_MAX_BATCH_SIZE": "32",
+           "ARCHSERVE_MAX_QUEUE_SIZE": "512"}  # all 384 images queue: none refused as queue_full
     proc = start_service(exported_repo, port, "--models", "resnet18", log=log, env=env)
     url = f"http://127.0.0.1:{port}"
     body, content_type = _multipart(32)
@@ -196,13 +203,17 @@ def test_a_request_still_running_when_the_grace_period_ends_gets_503_not_500(exp
         wait_until(url, "/health/ready", timeout=120)
 
         async def scenario() -> list[httpx.Response | Exception]:
-            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=8)) as client:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=12)) as client:
                 async def one():
                     return await client.post(f"{url}/classify/resnet18", content=body,
                                              headers={"content-type": content_type})
 
-                work = [asyncio.ensure_future(one()) for _ in range(8)]
-                await asyncio.sleep(3)  # all sent and queued: 256 images take several seconds here
+                work = [asyncio.ensure_future(one()) for _ in range(12)]
+                # SIGTERM as soon as all 12 are in the server (384 images: seconds of work on any CPU), not after
+                # a fixed sleep, which a fast, quiet machine outran (every request done within the grace).
+                deadline = time.monotonic() + 30
+                while await asyncio.to_thread(_in_flight, url) < 12 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*work, return_exceptions=True)
 
