@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import time
 
 import httpx
 import pytest
 
 from modelrepo.manifest import load_manifest
 from tests.images import jpeg
-from tests.service.server import running_server
+from tests.service.server import running_server, until
 
 EXPERIMENTS = """
 experiments:
@@ -40,15 +39,6 @@ def store_settings(kind, tmp_path):
 
     with pg.fresh_schema() as url:
         yield {"store_url": url}
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def classify(url, seed):
@@ -87,7 +77,7 @@ def test_shares_move_to_the_better_variant_after_feedback(bandit_repo, tmp_path,
         def moved():
             classify(url, 0)  # requests trigger the background refresh; the listing shows its shares
             return shares(url)["better"] >= 0.8
-        wait_for(moved)
+        until(moved, lambda: "the shares did not move", timeout=30, interval=0.1)
         assert shares(url)["control"] == pytest.approx(0.05, abs=0.01)  # the floor, not starvation
         after = [classify(url, seed)[0] for seed in range(40)]
         assert after.count("better") >= 30, after  # 95% expected
@@ -140,10 +130,10 @@ def test_several_workers_agree_on_the_shares_and_the_compute_per_image(bandit_re
             calls[0] += 6
             seen = {tuple(sorted(shares(url).items())) for _ in range(12)}  # listings from both workers
             return len(seen) == 1 and dict(next(iter(seen)))["better"] >= 0.8
-        wait_for(agreed, timeout=60)
+        until(agreed, lambda: "the workers did not agree", timeout=60, interval=0.1)
 
         def measured():  # every worker sees every image's batch (run in the engine): the same totals
             reports = [httpx.get(f"{url}/experiments/bandit-ab/report").json() for _ in range(6)]
             assert all(v["cost"]["compute_s_per_image"] > 0 for r in reports for v in r["variants"])
             return {sum(v["cost"]["measured_images"] for v in r["variants"]) for r in reports} == {calls[0]}
-        wait_for(measured, timeout=10)
+        until(measured, lambda: "no compute measured", timeout=10, interval=0.1)

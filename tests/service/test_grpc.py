@@ -7,7 +7,6 @@ so that the limit checks are cheap. REST answers the same requests on the same s
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -20,15 +19,12 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from export.preprocess import reference_preprocess
-from modelrepo import load_manifest
-from tests.images import jpeg
+from tests.service.reference import images, manifest, preprocessed, session  # noqa: F401 (fixtures)
 from tests.service.server import counter, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,26 +113,6 @@ def stub(server):
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
-@pytest.fixture(scope="module")
-def session(exported_repo):
-    path = exported_repo / "resnet18" / "1" / "model.onnx"
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(scope="module")
-def manifest(exported_repo):
-    return load_manifest(exported_repo / "resnet18" / "1")
-
-
-@pytest.fixture(scope="module")
-def images():
-    return [jpeg(seed=s) for s in range(2)]
-
-
-@pytest.fixture(scope="module")
-def preprocessed(manifest, images):
-    p = manifest.preprocessing
-    return np.stack([reference_preprocess(io.BytesIO(d), p.resize, p.crop, p.interpolation) for d in images])
 
 
 def pixels_input(array: np.ndarray) -> triton.InferInput:

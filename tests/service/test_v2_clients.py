@@ -6,7 +6,6 @@ data and classification extensions; it is the most widely used v2 REST client.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -16,14 +15,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from export.preprocess import reference_preprocess
-from modelrepo import load_manifest
-from tests.images import jpeg
+from tests.service.reference import images, manifest, preprocessed, session  # noqa: F401 (fixtures)
 from tests.service.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,26 +74,6 @@ def client(server_url):
     c.close()
 
 
-@pytest.fixture(scope="module")
-def session(exported_repo):
-    path = exported_repo / "resnet18" / "1" / "model.onnx"
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(scope="module")
-def manifest(exported_repo):
-    return load_manifest(exported_repo / "resnet18" / "1")
-
-
-@pytest.fixture(scope="module")
-def images():
-    return [jpeg(seed=s) for s in range(2)]
-
-
-@pytest.fixture(scope="module")
-def preprocessed(manifest, images):
-    p = manifest.preprocessing
-    return np.stack([reference_preprocess(io.BytesIO(d), p.resize, p.crop, p.interpolation) for d in images])
 
 
 def test_health_and_metadata(client):
