@@ -44,6 +44,12 @@ def client_request_id(value: str | None) -> str | None:
     return value if value and _VALID_ID.match(value) else None
 
 
+def new_request_log(header: str | None) -> RequestLog:
+    """A request's log context: the caller's X-Request-ID when valid, else a new id of ours."""
+    given = client_request_id(header)
+    return RequestLog(given or uuid.uuid4().hex, given is not None)
+
+
 class RequestLogMiddleware:
     """Pure ASGI (no task of its own), so the context variable is the request task's and every line the
     request's handlers log carries its id."""
@@ -56,9 +62,8 @@ class RequestLogMiddleware:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or ())
-        given = client_request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
-        entry = RequestLog(given or uuid.uuid4().hex, given is not None)
+        header = next((v for k, v in scope.get("headers") or () if k == b"x-request-id"), None)  # lower-case in ASGI
+        entry = new_request_log(header.decode("latin-1") if header is not None else None)
         token = CURRENT.set(entry)
         started = time.monotonic()
         status = 500  # what the client gets if the app fails before it answers (the server's error handler)

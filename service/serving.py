@@ -29,7 +29,7 @@ from .errors import (
 )
 from .experiments import ab
 from .images.preprocess import decode_for
-from .logs import CURRENT, client_request_id
+from .logs import CURRENT, new_request_log
 from .metrics import UNKNOWN_MODEL
 from .models.served import ServedModel
 from .state import AppState
@@ -149,10 +149,11 @@ async def serve(
     """
     state: AppState = request.app.state.archserve
     arrived = time.monotonic()
-    client_id = client_request_id(request.headers.get("x-request-id"))
-    entry = CURRENT.get()  # the request's log context (service.logs): its lines carry the model from here on
-    # Ours must be unique (feedback keys on it): the log's id when the log made it, else a new one.
-    request_id = entry.request_id if entry is not None and not entry.given else uuid.uuid4().hex
+    # The request's log context (service.logs, opened by the HTTP middleware or the gRPC handler) has already
+    # read the caller's X-Request-ID; its lines carry the model from here on.
+    entry = CURRENT.get() or new_request_log(request.headers.get("x-request-id"))
+    client_id = entry.request_id if entry.given else None
+    request_id = uuid.uuid4().hex if entry.given else entry.request_id  # ours is unique: feedback keys on it
     labels = (UNKNOWN_MODEL, "")
     code = 500
     call: Call | None = None
@@ -165,8 +166,7 @@ async def serve(
         deadline = min(arrived + state.settings.request_timeout_s, getattr(request, "deadline", None) or math.inf)
         call = Call(state, served, route, deadline, request_id, client_id)
         labels = (served.name, str(served.version))
-        if entry is not None:
-            entry.model, entry.version = labels
+        entry.model, entry.version = labels
         in_flight = served.metrics.in_flight
         in_flight.inc()
         payload = await read(call)

@@ -15,7 +15,6 @@ import asyncio
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ import grpc
 import numpy as np
 
 from ..errors import NotFoundError, ServiceError
-from ..logs import ACCESS_LOGGER, CURRENT, RequestLog, client_request_id
+from ..logs import ACCESS_LOGGER, CURRENT, new_request_log
 from ..serving import Call, lookup, serve
 from ..state import AppState
 from ..v2.metadata import model_io, model_metadata, server_metadata
@@ -99,9 +98,8 @@ def _rpc(method):
 
     @functools.wraps(method)
     async def handler(self, message, context: grpc.aio.ServicerContext):
-        metadata = dict((k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str))
-        given = client_request_id(metadata.get("x-request-id"))
-        entry = RequestLog(given or uuid.uuid4().hex, given is not None)
+        header = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
+        entry = new_request_log(header if isinstance(header, str) else None)
         token = CURRENT.set(entry)  # the data plane's task (created in this context) sees it and names the model
         started, status = time.monotonic(), 200
         try:
